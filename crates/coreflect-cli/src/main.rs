@@ -1,0 +1,208 @@
+//! `coreflect`: dump a live process with a millisecond pause.
+//!
+//! A thin layer over the `coreflect` library: argument parsing, signal handling, progress
+//! and reports. All the work is in the library.
+
+mod demo;
+mod report;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use coreflect::{DumpOptions, Mode, Options, Phase};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "coreflect",
+    version,
+    about = "Full core dumps of live Linux processes with a millisecond pause",
+    long_about = "coreflect stops a process only long enough to capture its threads and create a \
+copy-on-write clone of it, lets it run again, and writes a complete ELF core (readable by gdb, \
+lldb and elfutils) from the frozen clone."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Dump a running process to an ELF core file.
+    Dump(DumpArgs),
+    /// Start a sample multi-threaded process, dump it, and show how to open the core.
+    Demo(demo::DemoArgs),
+    /// Run the built-in test target (used by the demo, the tests and the benchmarks).
+    #[command(name = "__target", hide = true)]
+    Target {
+        /// Target options (see coreflect-target).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    /// Reflect when possible, else suspend with a warning.
+    Auto,
+    /// Reflect (copy-on-write clone), or fail.
+    Reflect,
+    /// Keep the target stopped for the whole write (like gcore).
+    Suspend,
+}
+
+/// Arguments of `coreflect dump`.
+#[derive(clap::Args)]
+pub struct DumpArgs {
+    /// The process to dump.
+    #[arg(allow_negative_numbers = true)]
+    pid: i64,
+    /// Output path (default: <comm>_<yymmdd_HHMMSS>.<pid>.core in the current directory).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// How to take the snapshot.
+    #[arg(long, value_enum, default_value = "auto")]
+    mode: ModeArg,
+    /// Print one JSON object with the report on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Replace an existing file at the output path (never through a symlink).
+    #[arg(long)]
+    overwrite: bool,
+    /// Refuse, before stopping anything, if the estimated pause is longer (e.g. 50ms, 1s).
+    #[arg(long, value_parser = parse_duration)]
+    max_pause: Option<Duration>,
+    /// Give up if the threads do not all stop within this time (e.g. 2s).
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    stop_timeout: Duration,
+    /// coredump_filter bits to use instead of the target's (hex, e.g. 0x33).
+    #[arg(long, value_parser = parse_hex)]
+    filter: Option<u32>,
+    /// No progress display.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, mul) = if let Some(v) = s.strip_suffix("ms") {
+        (v, 1e-3)
+    } else if let Some(v) = s.strip_suffix("us") {
+        (v, 1e-6)
+    } else if let Some(v) = s.strip_suffix('s') {
+        (v, 1.0)
+    } else {
+        (s, 1e-3)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (e.g. 50ms, 1.5s)"))?;
+    if !(0.0..1e6).contains(&v) {
+        return Err(format!("'{s}' is out of range"));
+    }
+    Ok(Duration::from_secs_f64(v * mul))
+}
+
+fn parse_hex(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0x"), 16)
+        .map_err(|_| format!("'{s}' is not a hex number (e.g. 0x33)"))
+}
+
+/// Registers SIGINT/SIGTERM/SIGHUP to set the returned flag instead of killing us, so a
+/// dump in progress can release the target and clean up.
+pub fn cancel_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        let _ = signal_hook::flag::register(sig, flag.clone());
+    }
+    flag
+}
+
+/// The test hook: `COREFLECT_TEST_PAUSE_AT=<phase>` makes the tool announce the phase on
+/// stderr and stop there until killed, so fault tests can kill it at a known point.
+pub fn test_hook() -> Option<coreflect::snapshot::PhaseHook> {
+    let want = std::env::var("COREFLECT_TEST_PAUSE_AT").ok()?;
+    Some(Arc::new(move |p: Phase| {
+        if p.as_str() == want {
+            eprintln!("coreflect: test pause at {}", p.as_str());
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+    }))
+}
+
+/// Runs `coreflect dump`; returns the exit code.
+pub fn run_dump(a: &DumpArgs) -> i32 {
+    let pid = match i32::try_from(a.pid) {
+        Ok(p) if p > 0 => p,
+        _ => {
+            report::error(a.json, &coreflect::Error::InvalidPid { pid: a.pid });
+            return 1;
+        }
+    };
+    let output = match &a.output {
+        Some(p) => p.clone(),
+        None => {
+            let comm = match coreflect::snapshot::preflight(pid) {
+                Ok(p) => p.stat.comm,
+                Err(e) => {
+                    report::error(a.json, &e);
+                    return 1;
+                }
+            };
+            PathBuf::from(coreflect::output::default_name(&comm, pid))
+        }
+    };
+    let cancel = cancel_flag();
+    let opts = DumpOptions {
+        snapshot: Options {
+            mode: match a.mode {
+                ModeArg::Auto => Mode::Auto,
+                ModeArg::Reflect => Mode::Reflect,
+                ModeArg::Suspend => Mode::Suspend,
+            },
+            stop_timeout: a.stop_timeout,
+            max_pause: a.max_pause,
+            cancel: Some(cancel),
+            hook: test_hook(),
+        },
+        output,
+        overwrite: a.overwrite,
+        filter: a.filter,
+    };
+    let mut progress = report::ProgressLine::new(!a.quiet && !a.json);
+    match coreflect::dump(pid, &opts, &mut |d, t| progress.update(d, t)) {
+        Ok(r) => {
+            progress.clear();
+            report::success(a.json, &r);
+            0
+        }
+        Err(e) => {
+            progress.clear();
+            report::error(a.json, &e);
+            match e {
+                coreflect::Error::Cancelled => 130,
+                _ => 1,
+            }
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match &cli.cmd {
+        Cmd::Dump(a) => run_dump(a),
+        Cmd::Demo(a) => demo::run(a),
+        Cmd::Target { args } => match coreflect_target::TargetOptions::parse(args) {
+            Ok(o) => coreflect_target::run(o),
+            Err(e) => {
+                eprintln!("coreflect __target: {e}");
+                2
+            }
+        },
+    };
+    std::process::exit(code);
+}

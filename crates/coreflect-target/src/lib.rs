@@ -1,0 +1,441 @@
+//! A multi-threaded test target for coreflect: the demo's sample process, the tests'
+//! subject and the benchmarks' load.
+//!
+//! Each thread parks in a distinct, named, non-inlined function, so a backtrace shows where
+//! it is; each counts what an intrusive dumper could do to it (EINTR, short sleeps, signals,
+//! children it did not create), and reports the counters on `quit`.
+//!
+//! Protocol: once ready it prints one line on stdout
+//! `READY pid=.. marker_addr=0x.. marker=0x.. pattern_addr=0x.. pattern_len=.. seq_addr=0x..
+//! seq_pages=.. seq_stride=.. [wof_addr=0x.. wof_len=..] [sparse_addr=0x.. sparse_len=..]`.
+//! It then reads commands on stdin: `quit` prints `STATS key=value ...` and exits 0.
+//! End of stdin also quits.
+
+use std::io::{BufRead, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// The marker a test reads back from the core.
+pub const MARKER_VALUE: u64 = 0xC0DE_F1EC_7ED0_0D1E;
+
+/// A global with a known value, at a known address.
+#[no_mangle]
+pub static COREFLECT_MARKER: AtomicU64 = AtomicU64::new(MARKER_VALUE);
+
+/// The byte at offset `i` of the pattern buffer.
+pub fn pattern_byte(i: usize) -> u8 {
+    ((i.wrapping_mul(7) + 3) as u8) ^ 0x5a
+}
+
+/// Options of the target.
+#[derive(Debug, Clone)]
+pub struct TargetOptions {
+    /// Size of the heap pattern buffer, in MiB.
+    pub heap_mib: usize,
+    /// Pages the sequence writer stores into (1 MiB apart).
+    pub seq_pages: usize,
+    /// Size of a MADV_WIPEONFORK region (KiB), 0 for none.
+    pub wipeonfork_kib: usize,
+    /// Install a seccomp filter that kills the process on `clone`.
+    pub seccomp_kill_clone: bool,
+    /// Reserve this many MiB of anonymous memory...
+    pub sparse_reserve_mib: usize,
+    /// ...and touch one page in every this many (0: touch none).
+    pub sparse_touch_every: usize,
+    /// Use transparent huge pages for the pattern buffer.
+    pub thp: bool,
+    /// Extra idle threads (to test many-thread targets).
+    pub extra_threads: usize,
+}
+
+impl Default for TargetOptions {
+    fn default() -> Self {
+        TargetOptions {
+            heap_mib: 16,
+            seq_pages: 64,
+            wipeonfork_kib: 0,
+            seccomp_kill_clone: false,
+            sparse_reserve_mib: 0,
+            sparse_touch_every: 0,
+            thp: false,
+            extra_threads: 0,
+        }
+    }
+}
+
+impl TargetOptions {
+    /// Parses `--key value` arguments.
+    pub fn parse(args: &[String]) -> Result<TargetOptions, String> {
+        let mut o = TargetOptions::default();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut num = |name: &str| -> Result<usize, String> {
+                it.next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| format!("{name} needs a number"))
+            };
+            match a.as_str() {
+                "--heap-mib" => o.heap_mib = num(a)?,
+                "--seq-pages" => o.seq_pages = num(a)?,
+                "--wipeonfork-kib" => o.wipeonfork_kib = num(a)?,
+                "--sparse-reserve-mib" => o.sparse_reserve_mib = num(a)?,
+                "--sparse-touch-every" => o.sparse_touch_every = num(a)?,
+                "--extra-threads" => o.extra_threads = num(a)?,
+                "--seccomp-kill-clone" => o.seccomp_kill_clone = true,
+                "--thp" => o.thp = true,
+                other => return Err(format!("unknown option {other}")),
+            }
+        }
+        Ok(o)
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    sigchld: AtomicU64,
+    read_eintr: AtomicU64,
+    read_bad: AtomicU64,
+    read_ok: AtomicU64,
+    sleeps: AtomicU64,
+    short_sleep: AtomicU64,
+    sleep_err: AtomicU64,
+    pause_returns: AtomicU64,
+    waitpid_children: AtomicU64,
+    waitpid_errors: AtomicU64,
+    accept_ok: AtomicU64,
+    accept_err: AtomicU64,
+    condvar_ok: AtomicU64,
+    spins: AtomicU64,
+}
+
+static COUNTERS: std::sync::OnceLock<Counters> = std::sync::OnceLock::new();
+static QUIT: AtomicBool = AtomicBool::new(false);
+
+fn c() -> &'static Counters {
+    COUNTERS.get_or_init(Counters::default)
+}
+
+extern "C" fn on_sigchld(_: libc::c_int) {
+    c().sigchld.fetch_add(1, Relaxed);
+}
+
+/// Busy loop in user mode.
+#[inline(never)]
+pub fn spin_worker() {
+    while !QUIT.load(Relaxed) {
+        for _ in 0..1000 {
+            std::hint::black_box(c().spins.fetch_add(1, Relaxed));
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// Blocks in `read(2)` on a pipe nobody writes until quit.
+#[inline(never)]
+pub fn read_worker(fd: i32) {
+    let mut b = [0u8; 1];
+    loop {
+        let r = unsafe { libc::read(fd, b.as_mut_ptr() as *mut _, 1) };
+        if r == 1 && b[0] == b'Q' {
+            c().read_ok.fetch_add(1, Relaxed);
+            return;
+        }
+        if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            c().read_eintr.fetch_add(1, Relaxed);
+        } else {
+            c().read_bad.fetch_add(1, Relaxed);
+            return;
+        }
+    }
+}
+
+/// Sleeps 300 ms at a time with `nanosleep(2)`, checking each sleep lasted.
+#[inline(never)]
+pub fn sleep_worker() {
+    while !QUIT.load(Relaxed) {
+        let t = Instant::now();
+        let req = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 300_000_000,
+        };
+        let r = unsafe { libc::nanosleep(&req, std::ptr::null_mut()) };
+        if r != 0 {
+            c().sleep_err.fetch_add(1, Relaxed);
+        } else if t.elapsed() < Duration::from_millis(300) {
+            c().short_sleep.fetch_add(1, Relaxed);
+        }
+        c().sleeps.fetch_add(1, Relaxed);
+    }
+}
+
+/// Waits on a condition variable until quit.
+#[inline(never)]
+pub fn condvar_worker(pair: &(Mutex<bool>, Condvar)) {
+    let mut g = pair.0.lock().unwrap();
+    while !*g {
+        g = pair.1.wait(g).unwrap();
+    }
+    c().condvar_ok.fetch_add(1, Relaxed);
+}
+
+/// Blocks in `accept(2)`.
+#[inline(never)]
+pub fn accept_worker(l: &TcpListener) {
+    match l.accept() {
+        Ok(_) => c().accept_ok.fetch_add(1, Relaxed),
+        Err(_) => c().accept_err.fetch_add(1, Relaxed),
+    };
+}
+
+/// Sits in `pause(2)`, which returns only when a handler runs.
+#[inline(never)]
+pub fn pause_worker() {
+    while !QUIT.load(Relaxed) {
+        unsafe { libc::pause() };
+        if !QUIT.load(Relaxed) {
+            c().pause_returns.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// Polls `waitpid(-1, WNOHANG)`: it must never see a child (the target has none).
+#[inline(never)]
+pub fn waitpid_worker() {
+    while !QUIT.load(Relaxed) {
+        let r = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
+        if r >= 0 {
+            c().waitpid_children.fetch_add(1, Relaxed);
+        } else if std::io::Error::last_os_error().raw_os_error() != Some(libc::ECHILD) {
+            c().waitpid_errors.fetch_add(1, Relaxed);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Stores an increasing sequence number into `pages` pages `stride` bytes apart, in order:
+/// a consistent image shows all equal, or a prefix one ahead.
+#[inline(never)]
+pub fn seq_writer(base: usize, pages: usize, stride: usize) {
+    let mut n: u64 = 1;
+    while !QUIT.load(Relaxed) {
+        for p in 0..pages {
+            unsafe { std::ptr::write_volatile((base + p * stride) as *mut u64, n) };
+        }
+        n += 1;
+    }
+}
+
+/// Parks forever (an idle extra thread).
+#[inline(never)]
+pub fn idle_worker() {
+    while !QUIT.load(Relaxed) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn mmap_anon(len: usize) -> usize {
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    assert!(p != libc::MAP_FAILED, "mmap of {len} bytes failed");
+    p as usize
+}
+
+fn install_seccomp_kill_clone() {
+    // BPF: load arch; != x86_64 -> allow; load nr; == clone -> kill process; allow.
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    let f = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    let prog = [
+        f(0x20, 0, 0, 4),                 // ld [4] (arch)
+        f(0x15, 0, 3, AUDIT_ARCH_X86_64), // jeq arch, next, allow
+        f(0x20, 0, 0, 0),                 // ld [0] (nr)
+        f(0x15, 0, 1, 56),                // jeq clone, kill, allow
+        f(0x06, 0, 0, 0x8000_0000),       // ret KILL_PROCESS
+        f(0x06, 0, 0, 0x7fff_0000),       // ret ALLOW
+    ];
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr() as *mut _,
+    };
+    unsafe {
+        assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+        assert_eq!(
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &fprog as *const _
+            ),
+            0,
+            "seccomp filter"
+        );
+    }
+}
+
+/// Runs the target until `quit` (or end of stdin); never returns.
+pub fn run(o: TargetOptions) -> ! {
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigchld as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigaction(libc::SIGCHLD, &sa, std::ptr::null_mut());
+    }
+    let _ = c();
+    // The pattern buffer.
+    let len = o.heap_mib << 20;
+    let pattern = if o.thp {
+        let p = mmap_anon(len + (2 << 20));
+        let p = (p + (2 << 20) - 1) & !((2 << 20) - 1);
+        unsafe { libc::madvise(p as *mut _, len, libc::MADV_HUGEPAGE) };
+        p
+    } else {
+        let v: Vec<u8> = Vec::with_capacity(len);
+        let p = v.as_ptr() as usize;
+        std::mem::forget(v);
+        p
+    };
+    {
+        let buf = unsafe { std::slice::from_raw_parts_mut(pattern as *mut u8, len) };
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = pattern_byte(i);
+        }
+    }
+    let stride = 1 << 20;
+    let seq = mmap_anon(o.seq_pages.max(1) * stride);
+    let mut extra = String::new();
+    if o.wipeonfork_kib > 0 {
+        let n = o.wipeonfork_kib << 10;
+        let p = mmap_anon(n);
+        unsafe {
+            std::ptr::write_bytes(p as *mut u8, 0xAB, n);
+            assert_eq!(libc::madvise(p as *mut _, n, 18 /* MADV_WIPEONFORK */), 0);
+        }
+        extra += &format!(" wof_addr={p:#x} wof_len={n}");
+    }
+    if o.sparse_reserve_mib > 0 {
+        let n = o.sparse_reserve_mib << 20;
+        let p = mmap_anon(n);
+        if o.sparse_touch_every > 0 {
+            let page = 4096;
+            let mut off = 0;
+            while off < n {
+                unsafe { *((p + off) as *mut u64) = (off as u64) | 1 };
+                off += page * o.sparse_touch_every;
+            }
+        }
+        extra += &format!(" sparse_addr={p:#x} sparse_len={n}");
+    }
+
+    let (rfd, wfd) = {
+        let mut fds = [0; 2];
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        (fds[0], fds[1])
+    };
+    let listener = Arc::new(TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"));
+    let addr = listener.local_addr().unwrap();
+    let pair = Arc::new((Mutex::new(false), Condvar::new()));
+    let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(f)
+            .expect("spawn thread")
+    };
+    let mut hs = vec![
+        spawn("spin", Box::new(spin_worker)),
+        spawn("read", Box::new(move || read_worker(rfd))),
+        spawn("sleep", Box::new(sleep_worker)),
+        {
+            let p = pair.clone();
+            spawn("condvar", Box::new(move || condvar_worker(&p)))
+        },
+        {
+            let l = listener.clone();
+            spawn("accept", Box::new(move || accept_worker(&l)))
+        },
+        spawn("waitpid", Box::new(waitpid_worker)),
+        spawn(
+            "seq",
+            Box::new(move || seq_writer(seq, o.seq_pages, stride)),
+        ),
+    ];
+    let pause_thread = spawn("pause", Box::new(pause_worker));
+    for i in 0..o.extra_threads {
+        hs.push(spawn(&format!("idle{i}"), Box::new(idle_worker)));
+    }
+    if o.seccomp_kill_clone {
+        install_seccomp_kill_clone();
+    }
+    // Let every thread reach its blocking call.
+    std::thread::sleep(Duration::from_millis(100));
+    println!(
+        "READY pid={} marker_addr={:#x} marker={:#x} pattern_addr={:#x} pattern_len={} seq_addr={:#x} seq_pages={} seq_stride={}{}",
+        std::process::id(),
+        &COREFLECT_MARKER as *const _ as usize,
+        MARKER_VALUE,
+        pattern,
+        len,
+        seq,
+        o.seq_pages,
+        stride,
+        extra
+    );
+    std::io::stdout().flush().ok();
+
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        match line.as_deref().map(str::trim) {
+            Ok("quit") | Err(_) => break,
+            Ok("ping") => {
+                println!("PONG spins={}", c().spins.load(Relaxed));
+                std::io::stdout().flush().ok();
+            }
+            _ => {}
+        }
+    }
+    // Quit: wake every thread the way it expects.
+    QUIT.store(true, SeqCst);
+    unsafe { libc::write(wfd, b"Q".as_ptr() as *const _, 1) };
+    *pair.0.lock().unwrap() = true;
+    pair.1.notify_all();
+    let _ = TcpStream::connect(addr);
+    for h in hs {
+        let _ = h.join();
+    }
+    // pause() returns only on a signal with a handler: send ourselves one (counted apart).
+    let before = c().sigchld.load(SeqCst);
+    unsafe {
+        libc::pthread_kill(
+            std::os::unix::thread::JoinHandleExt::as_pthread_t(&pause_thread),
+            libc::SIGCHLD,
+        )
+    };
+    let _ = pause_thread.join();
+    let k = c();
+    println!(
+        "STATS sigchld={} read_ok={} read_eintr={} read_bad={} sleeps={} short_sleep={} sleep_err={} pause_returns={} waitpid_children={} waitpid_errors={} accept_ok={} accept_err={} condvar_ok={} spins={}",
+        before,
+        k.read_ok.load(SeqCst),
+        k.read_eintr.load(SeqCst),
+        k.read_bad.load(SeqCst),
+        k.sleeps.load(SeqCst),
+        k.short_sleep.load(SeqCst),
+        k.sleep_err.load(SeqCst),
+        k.pause_returns.load(SeqCst),
+        k.waitpid_children.load(SeqCst),
+        k.waitpid_errors.load(SeqCst),
+        k.accept_ok.load(SeqCst),
+        k.accept_err.load(SeqCst),
+        k.condvar_ok.load(SeqCst),
+        k.spins.load(SeqCst) > 0,
+    );
+    std::io::stdout().flush().ok();
+    std::process::exit(0)
+}

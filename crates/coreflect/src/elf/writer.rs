@@ -1,0 +1,411 @@
+//! The core writer: ELF header, program headers, notes, then every segment's bytes, streamed
+//! over any [`Sink`] — a file (holes become sparse regions) or a pipe (holes become zeros).
+//!
+//! Memory is read in large `pread`s. In private anonymous mappings, pages the kernel never
+//! populated (neither present nor swapped in `/proc/PID/pagemap`) are not read at all; pages
+//! that read back as zeros are not written either. Unreadable ranges become holes and are
+//! reported, never an abort.
+
+use super::*;
+use crate::error::{Error, Result};
+use crate::proc::mem::{PM_PRESENT, PM_SWAPPED};
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+
+/// Where a segment's bytes are read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The frozen image (the clone, or the stopped target in suspend mode).
+    Image,
+    /// The live target (for memory a clone cannot hold: `MADV_DONTFORK`, `MADV_WIPEONFORK`).
+    Live,
+}
+
+/// One `PT_LOAD` to write.
+#[derive(Debug, Clone)]
+pub struct SegmentPlan {
+    /// Start address.
+    pub vaddr: u64,
+    /// Size in memory (the whole mapping).
+    pub memsz: u64,
+    /// Bytes dumped from `vaddr` (0, one page, or `memsz`).
+    pub filesz: u64,
+    /// `p_flags`.
+    pub flags: u32,
+    /// Where to read it.
+    pub source: Source,
+    /// True if never-populated pages may be skipped (private anonymous memory).
+    pub sparse: bool,
+    /// The mapping's name, for warnings.
+    pub name: String,
+}
+
+/// Reads the dumped process's memory.
+pub trait MemoryReader: Sync {
+    /// Reads at `addr`; returns bytes read (short at the first unreadable byte).
+    fn read_at(&self, source: Source, addr: u64, buf: &mut [u8]) -> io::Result<usize>;
+    /// Fills pagemap entries for the pages from `addr`; `false` if unavailable.
+    fn pagemap(&self, source: Source, addr: u64, out: &mut [u64]) -> bool;
+}
+
+/// An output for the core.
+pub trait Sink {
+    /// Writes bytes at the current position.
+    fn write_all(&mut self, b: &[u8]) -> io::Result<()>;
+    /// Advances over `n` bytes of zeros (a hole where possible).
+    fn skip(&mut self, n: u64) -> io::Result<()>;
+    /// Ends the output at `len` bytes.
+    fn finish(&mut self, len: u64) -> io::Result<()>;
+    /// True if skipped bytes take no disk space.
+    fn sparse(&self) -> bool;
+}
+
+/// A seekable file: holes are left unwritten, and the length is set at the end.
+#[derive(Debug)]
+pub struct FileSink<'a> {
+    file: &'a File,
+    pos: u64,
+}
+
+impl<'a> FileSink<'a> {
+    /// Writes into `file` from offset 0 (the file must be new or empty).
+    pub fn new(file: &'a File) -> Self {
+        FileSink { file, pos: 0 }
+    }
+}
+
+impl Sink for FileSink<'_> {
+    fn write_all(&mut self, b: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(b, self.pos)?;
+        self.pos += b.len() as u64;
+        Ok(())
+    }
+    fn skip(&mut self, n: u64) -> io::Result<()> {
+        self.pos += n;
+        Ok(())
+    }
+    fn finish(&mut self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn sparse(&self) -> bool {
+        true
+    }
+}
+
+/// Any `Write` (a pipe, a compressor): holes are written as zeros.
+#[derive(Debug)]
+pub struct StreamSink<W: Write> {
+    w: W,
+    pos: u64,
+}
+
+impl<W: Write> StreamSink<W> {
+    /// Wraps a writer.
+    pub fn new(w: W) -> Self {
+        StreamSink { w, pos: 0 }
+    }
+    /// Returns the writer.
+    pub fn into_inner(self) -> W {
+        self.w
+    }
+}
+
+impl<W: Write> Sink for StreamSink<W> {
+    fn write_all(&mut self, b: &[u8]) -> io::Result<()> {
+        self.w.write_all(b)?;
+        self.pos += b.len() as u64;
+        Ok(())
+    }
+    fn skip(&mut self, mut n: u64) -> io::Result<()> {
+        static ZEROS: [u8; 65536] = [0; 65536];
+        while n > 0 {
+            let k = n.min(ZEROS.len() as u64) as usize;
+            self.write_all(&ZEROS[..k])?;
+            n -= k as u64;
+        }
+        Ok(())
+    }
+    fn finish(&mut self, len: u64) -> io::Result<()> {
+        if self.pos < len {
+            self.skip(len - self.pos)?;
+        }
+        self.w.flush()
+    }
+    fn sparse(&self) -> bool {
+        false
+    }
+}
+
+/// A range that could not be read.
+#[derive(Debug, Clone)]
+pub struct Unreadable {
+    /// First address.
+    pub start: u64,
+    /// One past the last address.
+    pub end: u64,
+    /// The mapping's name.
+    pub name: String,
+    /// The error.
+    pub error: String,
+}
+
+/// What the writer did.
+#[derive(Debug, Clone, Default)]
+pub struct WriteStats {
+    /// Bytes of data written (holes excluded), headers and notes included.
+    pub bytes_written: u64,
+    /// The file's length.
+    pub file_size: u64,
+    /// Bytes skipped as never-populated pages.
+    pub unpopulated_bytes: u64,
+    /// Bytes skipped as all-zero pages.
+    pub zero_bytes: u64,
+    /// Ranges that could not be read (left as holes).
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// The size of one read.
+pub const CHUNK: usize = 8 << 20;
+
+/// The layout of a core: headers, and where each segment's data goes.
+#[derive(Debug)]
+pub struct Layout {
+    /// ELF header, program headers (and the PN_XNUM section header).
+    pub headers: Vec<u8>,
+    /// Offset of the notes.
+    pub notes_offset: u64,
+    /// File offset of each segment's data.
+    pub data_offsets: Vec<u64>,
+    /// Total length of the file.
+    pub total_len: u64,
+}
+
+fn align_up(v: u64, a: u64) -> u64 {
+    v.div_ceil(a) * a
+}
+
+/// Computes the layout for `notes_len` bytes of notes and `segs`.
+pub fn layout(notes_len: u64, segs: &[SegmentPlan], page: u64) -> Layout {
+    let nphdr = segs.len() + 1;
+    let xnum = nphdr >= PN_XNUM as usize;
+    let phoff = EHDR_SIZE as u64;
+    let shoff = phoff + (nphdr * PHDR_SIZE) as u64;
+    let notes_offset = shoff + if xnum { SHDR_SIZE as u64 } else { 0 };
+    let mut off = align_up(notes_offset + notes_len, page);
+    let mut data_offsets = Vec::with_capacity(segs.len());
+    for s in segs {
+        data_offsets.push(off);
+        off += s.filesz;
+    }
+    let total_len = off;
+
+    let mut h = Vec::with_capacity(notes_offset as usize);
+    // e_ident
+    h.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0]);
+    h.extend_from_slice(&[0; 8]);
+    h.extend_from_slice(&ET_CORE.to_le_bytes());
+    h.extend_from_slice(&EM_X86_64.to_le_bytes());
+    h.extend_from_slice(&1u32.to_le_bytes()); // e_version
+    h.extend_from_slice(&0u64.to_le_bytes()); // e_entry
+    h.extend_from_slice(&phoff.to_le_bytes());
+    h.extend_from_slice(&(if xnum { shoff } else { 0 }).to_le_bytes());
+    h.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    h.extend_from_slice(&(EHDR_SIZE as u16).to_le_bytes());
+    h.extend_from_slice(&(PHDR_SIZE as u16).to_le_bytes());
+    h.extend_from_slice(&(if xnum { PN_XNUM } else { nphdr as u16 }).to_le_bytes());
+    h.extend_from_slice(&(if xnum { SHDR_SIZE as u16 } else { 0 }).to_le_bytes());
+    h.extend_from_slice(&(xnum as u16).to_le_bytes()); // e_shnum
+    h.extend_from_slice(&0u16.to_le_bytes()); // e_shstrndx
+    debug_assert_eq!(h.len(), EHDR_SIZE);
+
+    let mut phdr =
+        |ty: u32, flags: u32, off: u64, vaddr: u64, filesz: u64, memsz: u64, align: u64| {
+            h.extend_from_slice(&ty.to_le_bytes());
+            h.extend_from_slice(&flags.to_le_bytes());
+            h.extend_from_slice(&off.to_le_bytes());
+            h.extend_from_slice(&vaddr.to_le_bytes());
+            h.extend_from_slice(&0u64.to_le_bytes()); // p_paddr
+            h.extend_from_slice(&filesz.to_le_bytes());
+            h.extend_from_slice(&memsz.to_le_bytes());
+            h.extend_from_slice(&align.to_le_bytes());
+        };
+    phdr(PT_NOTE, 0, notes_offset, 0, notes_len, 0, 0);
+    for (s, &o) in segs.iter().zip(&data_offsets) {
+        phdr(PT_LOAD, s.flags, o, s.vaddr, s.filesz, s.memsz, page);
+    }
+    if xnum {
+        let mut sh = [0u8; SHDR_SIZE];
+        // sh_type SHT_NULL, sh_size = e_shnum (1), sh_link = e_shstrndx (0), sh_info = count
+        sh[32..40].copy_from_slice(&1u64.to_le_bytes());
+        sh[44..48].copy_from_slice(&(nphdr as u32).to_le_bytes());
+        h.extend_from_slice(&sh);
+    }
+    Layout {
+        headers: h,
+        notes_offset,
+        data_offsets,
+        total_len,
+    }
+}
+
+/// Progress of a write, for a progress display.
+pub trait Progress {
+    /// `done` of `total` segment bytes are processed. Return `false` to cancel.
+    fn update(&mut self, done: u64, total: u64) -> bool;
+}
+
+impl<F: FnMut(u64, u64) -> bool> Progress for F {
+    fn update(&mut self, done: u64, total: u64) -> bool {
+        self(done, total)
+    }
+}
+
+/// Writes a whole core: headers, `notes`, then the segments' bytes read from `mem`.
+pub fn write_core(
+    sink: &mut dyn Sink,
+    notes: &[u8],
+    segs: &[SegmentPlan],
+    mem: &dyn MemoryReader,
+    progress: &mut dyn Progress,
+) -> Result<WriteStats> {
+    let page = crate::page_size();
+    let lay = layout(notes.len() as u64, segs, page);
+    let mut st = WriteStats {
+        file_size: lay.total_len,
+        ..Default::default()
+    };
+    let out_err = |e: io::Error| Error::io("writing the core", e);
+    sink.write_all(&lay.headers).map_err(out_err)?;
+    sink.write_all(notes).map_err(out_err)?;
+    let mut pos = lay.notes_offset + notes.len() as u64;
+    st.bytes_written = pos;
+    let total: u64 = segs.iter().map(|s| s.filesz).sum();
+    let mut done = 0u64;
+    let mut buf = vec![0u8; CHUNK];
+    let mut pm = vec![0u64; CHUNK / page as usize];
+    for (s, &off) in segs.iter().zip(&lay.data_offsets) {
+        if s.filesz == 0 {
+            continue;
+        }
+        sink.skip(off - pos).map_err(out_err)?;
+        pos = off;
+        let mut addr = s.vaddr;
+        let end = s.vaddr + s.filesz;
+        while addr < end {
+            let n = ((end - addr) as usize).min(CHUNK);
+            let pages = n / page as usize;
+            let chunk = &mut buf[..n];
+            let present = &mut pm[..pages];
+            if !(s.sparse && mem.pagemap(s.source, addr, present)) {
+                present.fill(PM_PRESENT);
+            }
+            // Read every run of populated pages.
+            let mut i = 0;
+            while i < pages {
+                if present[i] & (PM_PRESENT | PM_SWAPPED) == 0 {
+                    i += 1;
+                    continue;
+                }
+                let mut j = i;
+                while j < pages && present[j] & (PM_PRESENT | PM_SWAPPED) != 0 {
+                    j += 1;
+                }
+                read_run(mem, s, addr, chunk, page as usize, i, j, present, &mut st);
+                i = j;
+            }
+            // Write: data runs, holes for unpopulated, unreadable and zero pages.
+            let mut i = 0;
+            while i < pages {
+                let is_data = |k: usize| {
+                    present[k] & (PM_PRESENT | PM_SWAPPED) != 0
+                        && !is_zero(&chunk[k * page as usize..(k + 1) * page as usize])
+                };
+                let data = is_data(i);
+                let mut j = i + 1;
+                while j < pages && is_data(j) == data {
+                    j += 1;
+                }
+                let (a, b) = (i * page as usize, j * page as usize);
+                if data {
+                    sink.write_all(&chunk[a..b]).map_err(out_err)?;
+                    st.bytes_written += (b - a) as u64;
+                } else {
+                    sink.skip((b - a) as u64).map_err(out_err)?;
+                    for e in &present[i..j] {
+                        if e & (PM_PRESENT | PM_SWAPPED) == 0 {
+                            st.unpopulated_bytes += page;
+                        } else {
+                            st.zero_bytes += page;
+                        }
+                    }
+                }
+                i = j;
+            }
+            pos += n as u64;
+            addr += n as u64;
+            done += n as u64;
+            if !progress.update(done, total) {
+                return Err(Error::Cancelled);
+            }
+        }
+    }
+    sink.skip(lay.total_len - pos).map_err(out_err)?;
+    sink.finish(lay.total_len).map_err(out_err)?;
+    Ok(st)
+}
+
+/// Reads pages `i..j` of the chunk at `addr`; pages that fail are zeroed, marked as holes
+/// (pagemap entry cleared) and reported.
+#[allow(clippy::too_many_arguments)]
+fn read_run(
+    mem: &dyn MemoryReader,
+    s: &SegmentPlan,
+    addr: u64,
+    chunk: &mut [u8],
+    page: usize,
+    i: usize,
+    j: usize,
+    present: &mut [u64],
+    st: &mut WriteStats,
+) {
+    let mut k = i;
+    while k < j {
+        let (a, b) = (k * page, j * page);
+        let (got, err) = match mem.read_at(s.source, addr + a as u64, &mut chunk[a..b]) {
+            Ok(n) => (n, None),
+            Err(e) => (0, Some(e)),
+        };
+        k += got / page;
+        if k < j {
+            // Page k failed: zero it, make it a hole, and go on after it.
+            let e = err.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EIO));
+            note_unreadable(st, s, addr + (k * page) as u64, page as u64, &e);
+            chunk[k * page..(k + 1) * page].fill(0);
+            present[k] = 0;
+            k += 1;
+        }
+    }
+}
+
+fn note_unreadable(st: &mut WriteStats, s: &SegmentPlan, at: u64, len: u64, e: &io::Error) {
+    if let Some(u) = st.unreadable.last_mut() {
+        if u.end == at {
+            u.end += len;
+            return;
+        }
+    }
+    st.unreadable.push(Unreadable {
+        start: at,
+        end: at + len,
+        name: s.name.clone(),
+        error: e.to_string(),
+    });
+}
+
+/// True if the page is all zeros.
+pub fn is_zero(b: &[u8]) -> bool {
+    // SAFETY: u64 has no invalid bit patterns; align_to splits off unaligned ends.
+    let (pre, mid, post) = unsafe { b.align_to::<u64>() };
+    pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
+}

@@ -1,0 +1,193 @@
+//! Errors of the coreflect library.
+//!
+//! Every variant names what failed and, where there is one, what the user can do about it.
+//! Problems that do not stop a dump (an unreadable range, a thread that vanished) are not
+//! errors: they are collected as warnings in the [`crate::dump::DumpReport`].
+
+use std::io;
+use std::path::PathBuf;
+
+/// A process id or thread id as the kernel uses it.
+pub type Pid = i32;
+
+/// The error type of every fallible coreflect operation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The pid is not a process on this system.
+    #[error("no process with pid {pid}: check the pid (it may have exited)")]
+    NoSuchProcess {
+        /// The pid asked for.
+        pid: Pid,
+    },
+    /// The pid is not a valid process id at all.
+    #[error(
+        "invalid pid {pid}: a pid is a positive number no larger than /proc/sys/kernel/pid_max"
+    )]
+    InvalidPid {
+        /// The pid asked for.
+        pid: i64,
+    },
+    /// The pid is a thread of another process, not a process.
+    #[error("{tid} is a thread of process {tgid}, not a process: dump {tgid} instead")]
+    NotAProcess {
+        /// The id asked for.
+        tid: Pid,
+        /// Its process.
+        tgid: Pid,
+    },
+    /// The pid names a kernel thread, which has no user memory to dump.
+    #[error("pid {pid} ({comm}) is a kernel thread: it has no user address space to dump")]
+    KernelThread {
+        /// The pid asked for.
+        pid: Pid,
+        /// Its command name.
+        comm: String,
+    },
+    /// The process has exited and waits to be reaped by its parent.
+    #[error("pid {pid} ({comm}) is a zombie: it has exited and has no memory left to dump")]
+    Zombie {
+        /// The pid asked for.
+        pid: Pid,
+        /// Its command name.
+        comm: String,
+    },
+    /// The process asked to dump itself.
+    #[error("pid {pid} is coreflect itself: a process cannot ptrace itself; dump it from another process")]
+    SelfDump {
+        /// Our own pid.
+        pid: Pid,
+    },
+    /// The process (or one of its threads) is already traced by a debugger or tracer.
+    #[error("pid {pid} is already traced by pid {tracer} ({tracer_comm}): detach that debugger/tracer first (only one tracer at a time)")]
+    AlreadyTraced {
+        /// The pid asked for.
+        pid: Pid,
+        /// The tracer's pid from `TracerPid`.
+        tracer: Pid,
+        /// The tracer's command name, if known.
+        tracer_comm: String,
+    },
+    /// ptrace or /proc access was refused.
+    #[error("permission denied to {what} pid {pid}: {hint}")]
+    PermissionDenied {
+        /// The pid asked for.
+        pid: Pid,
+        /// What was refused.
+        what: &'static str,
+        /// What to do about it.
+        hint: String,
+    },
+    /// The target exited while it was being dumped.
+    #[error("pid {pid} exited while it was being dumped; nothing was written")]
+    ProcessExited {
+        /// The pid of the target.
+        pid: Pid,
+    },
+    /// A thread did not stop within the time allowed.
+    #[error("thread {tid} of pid {pid} did not stop within {millis} ms (state {state}); it may be in uninterruptible sleep (D state): try again later, or raise --stop-timeout")]
+    StopTimeout {
+        /// The target.
+        pid: Pid,
+        /// The thread that did not stop.
+        tid: Pid,
+        /// How long we waited.
+        millis: u64,
+        /// The thread's state letter from /proc.
+        state: String,
+    },
+    /// A ptrace request failed unexpectedly.
+    #[error("ptrace {op} on thread {tid} failed: {source}")]
+    Ptrace {
+        /// The request name.
+        op: &'static str,
+        /// The thread it was made on.
+        tid: Pid,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading a /proc file failed.
+    #[error("cannot read {path}: {source}")]
+    Proc {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A /proc file had content we could not parse.
+    #[error("cannot parse {path}: {detail}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        detail: String,
+    },
+    /// Creating or writing the output failed.
+    #[error("{what} {path}: {source}{hint}")]
+    Output {
+        /// What we were doing.
+        what: &'static str,
+        /// The path concerned.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+        /// What to do (with a leading "; "), or empty.
+        hint: String,
+    },
+    /// Reflection (the copy-on-write clone) cannot be used for this target.
+    #[error("cannot reflect pid {pid}: {reason}; use --mode suspend (or auto) to dump with the target stopped")]
+    ReflectUnavailable {
+        /// The target.
+        pid: Pid,
+        /// Why.
+        reason: String,
+    },
+    /// The estimated pause exceeds the caller's limit.
+    #[error("estimated pause {estimate_ms:.1} ms for pid {pid} exceeds the limit {limit_ms:.1} ms; nothing was stopped (raise --max-pause, or dump at a quieter time)")]
+    PauseTooLong {
+        /// The target.
+        pid: Pid,
+        /// Our estimate in milliseconds.
+        estimate_ms: f64,
+        /// The caller's limit in milliseconds.
+        limit_ms: f64,
+    },
+    /// The operation was cancelled (Ctrl-C, SIGTERM, or the caller's flag).
+    #[error("cancelled: the target was released and no file was left")]
+    Cancelled,
+    /// Any other I/O error, with context.
+    #[error("{what}: {source}")]
+    Io {
+        /// What we were doing.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Shorthand for `Result<T, coreflect::Error>`.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Wraps an I/O error with a description of what was being done.
+    pub fn io(what: impl Into<String>, source: io::Error) -> Error {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// The raw OS error number underneath, if any.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            Error::Ptrace { source, .. }
+            | Error::Proc { source, .. }
+            | Error::Output { source, .. }
+            | Error::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! Making a stopped target thread execute one syscall on our behalf, and putting it back
+//! exactly as it was.
+//!
+//! No code bytes are written: the thread is pointed at an existing `syscall` instruction
+//! (borrowed from the `[vdso]`, or the one a thread is blocked behind). Its signal mask is
+//! set to "all blocked" for the duration so no handler can run on the borrowed context.
+//! Afterwards its registers are restored at the syscall-exit stop; a thread that had been
+//! interrupted inside a restartable syscall is resumed at the syscall instruction with
+//! `rax` set as the kernel's own restart would set it, so the program never sees
+//! `-ERESTART*` codes, `EINTR`, or a restarted sleep.
+
+use crate::arch::x86_64::{self as arch, Regs};
+use crate::error::{Error, Pid, Result};
+use crate::proc::{Mapping, MappingKind, ProcMem};
+use crate::ptrace::{self, WaitStatus};
+use crate::stop::{self, StopKind, ThreadState, Tracee};
+use std::time::{Duration, Instant};
+
+/// Finds a `syscall` instruction (`0f 05`) in the target's `[vdso]`.
+pub fn find_syscall_in_vdso(maps: &[Mapping], mem: &ProcMem) -> Option<u64> {
+    let vdso = maps.iter().find(|m| m.kind() == MappingKind::Vdso)?;
+    let mut buf = vec![0u8; vdso.len() as usize];
+    let n = mem.read_at(vdso.start, &mut buf).ok()?;
+    buf[..n]
+        .windows(2)
+        .position(|w| w == [0x0f, 0x05])
+        .map(|i| vdso.start + i as u64)
+}
+
+/// Finds a thread blocked right behind a `syscall` instruction and returns that address.
+pub fn find_syscall_behind(threads: &[ThreadState], mem: &ProcMem) -> Option<u64> {
+    threads.iter().find_map(|t| {
+        t.regs.syscall_nr()?;
+        let at = t.regs.0.rip.checked_sub(2)?;
+        let mut b = [0u8; 2];
+        (mem.read_at(at, &mut b).ok()? == 2 && b == [0x0f, 0x05]).then_some(at)
+    })
+}
+
+/// True if a stopped thread may be borrowed for an injected syscall: interrupted by us (not
+/// delivering a signal, not in a group stop), and either in user mode or in a restartable
+/// syscall that does not swap its signal mask.
+pub fn eligible(kind: StopKind, regs: &Regs) -> bool {
+    if kind != StopKind::Interrupt {
+        return false;
+    }
+    match regs.syscall_nr() {
+        None => true,
+        Some(nr) => !arch::MASK_SWAPPING_SYSCALLS.contains(&nr) && arch::restarted(regs).is_some(),
+    }
+}
+
+/// Picks the thread to borrow: one interrupted in user mode if any, else one in a
+/// restartable syscall. `None` if no thread is safe to use.
+pub fn choose_thread(threads: &[ThreadState]) -> Option<usize> {
+    let ok = |t: &ThreadState| eligible(t.kind, &t.regs);
+    threads
+        .iter()
+        .position(|t| ok(t) && t.regs.syscall_nr().is_none())
+        .or_else(|| threads.iter().position(ok))
+}
+
+/// What an injected syscall did.
+#[derive(Debug, Clone, Copy)]
+pub struct Injected {
+    /// The syscall's return value (`-errno` on failure).
+    pub ret: i64,
+    /// The child reported by `PTRACE_EVENT_CLONE`/`FORK`, if any.
+    pub child: Option<Pid>,
+}
+
+/// Runs syscall `nr(args)` on stopped thread `tid` (saved state `saved`, `saved_mask`) using
+/// the `syscall` instruction at `insn`, with extra ptrace `options` for the duration.
+/// `on_child` runs at a clone/fork event, while the thread is still inside the syscall.
+///
+/// On return (success or error) the thread's registers, signal mask and options are restored
+/// as far as the thread still exists; the caller detaches it.
+#[allow(clippy::too_many_arguments)]
+pub fn inject_syscall(
+    tid: Pid,
+    saved: &Regs,
+    saved_mask: u64,
+    insn: u64,
+    nr: u64,
+    args: [u64; 6],
+    options: u32,
+    timeout: Duration,
+    on_child: &mut dyn FnMut(Pid) -> Result<()>,
+) -> Result<Injected> {
+    ptrace::set_sigmask(tid, !0)?;
+    let res = (|| {
+        ptrace::set_options(tid, ptrace::O_TRACESYSGOOD | options)?;
+        let mut r = *saved;
+        r.0.rip = insn;
+        r.0.rax = nr;
+        r.0.orig_rax = u64::MAX;
+        r.0.rdi = args[0];
+        r.0.rsi = args[1];
+        r.0.rdx = args[2];
+        r.0.r10 = args[3];
+        r.0.r8 = args[4];
+        r.0.r9 = args[5];
+        ptrace::set_regs(tid, &r)?;
+        drive(tid, Instant::now() + timeout, on_child)
+    })();
+    let restore = arch::restarted(saved).unwrap_or(*saved);
+    let r1 = ptrace::set_regs(tid, &restore);
+    let r2 = ptrace::set_sigmask(tid, saved_mask);
+    let r3 = ptrace::set_options(tid, 0);
+    let out = res?;
+    r1?;
+    r2?;
+    r3?;
+    Ok(out)
+}
+
+fn drive(
+    tid: Pid,
+    deadline: Instant,
+    on_child: &mut dyn FnMut(Pid) -> Result<()>,
+) -> Result<Injected> {
+    let mut child = None;
+    let mut entered = false;
+    ptrace::syscall(tid)?;
+    loop {
+        let st = ptrace::wait_until(tid, deadline)?.ok_or_else(|| {
+            Error::io(
+                format!("waiting for injected syscall in thread {tid}"),
+                std::io::Error::from(std::io::ErrorKind::TimedOut),
+            )
+        })?;
+        match st {
+            WaitStatus::SyscallStop if !entered => entered = true,
+            WaitStatus::SyscallStop => break,
+            WaitStatus::Stopped { event, .. }
+                if event == ptrace::EVENT_CLONE || event == ptrace::EVENT_FORK =>
+            {
+                let pid = ptrace::event_msg(tid)? as Pid;
+                child = Some(pid);
+                on_child(pid)?;
+            }
+            WaitStatus::Stopped { .. } => {}
+            WaitStatus::Exited(_) | WaitStatus::Signaled(_) => {
+                return Err(Error::ProcessExited { pid: tid })
+            }
+        }
+        ptrace::syscall(tid)?;
+    }
+    let ret = ptrace::get_regs(tid)?.ret();
+    Ok(Injected { ret, child })
+}
+
+/// `__WALL` for wait4.
+const WALL: u64 = 0x4000_0000;
+
+/// Reaps zombie children `zombies` of `pid` by making one of its threads call
+/// `wait4(z, NULL, __WALL|WNOHANG, NULL)` for each. Only one thread is stopped at a time,
+/// and only for a few ptrace round trips. Returns how many were reaped.
+pub fn reap_in_target(
+    pid: Pid,
+    zombies: &[Pid],
+    insn: u64,
+    options: u32,
+    timeout: Duration,
+) -> Result<usize> {
+    if zombies.is_empty() {
+        return Ok(0);
+    }
+    for tid in crate::proc::threads(pid)? {
+        let Some(tracee) = stop_one(tid, timeout)? else {
+            continue;
+        };
+        let regs = match ptrace::get_regs(tid) {
+            Ok(r) => r,
+            Err(_) => {
+                let _ = stop::detach_tracee(&tracee);
+                continue;
+            }
+        };
+        if !eligible(tracee.kind, &regs) {
+            let _ = stop::detach_tracee(&tracee);
+            continue;
+        }
+        let mask = ptrace::get_sigmask(tid);
+        let mut reaped = 0;
+        let res = mask.and_then(|mask| {
+            for &z in zombies {
+                let r = inject_syscall(
+                    tid,
+                    &regs,
+                    mask,
+                    insn,
+                    arch::SYS_WAIT4,
+                    [z as u64, 0, WALL | libc::WNOHANG as u64, 0, 0, 0],
+                    options,
+                    timeout,
+                    &mut |_| Ok(()),
+                )?;
+                if r.ret == z as i64 {
+                    reaped += 1;
+                }
+            }
+            Ok(())
+        });
+        let _ = stop::detach_tracee(&tracee);
+        res?;
+        return Ok(reaped);
+    }
+    Ok(0)
+}
+
+/// Seizes and interrupts one thread; `None` if it vanished or is not eligible to stop.
+fn stop_one(tid: Pid, timeout: Duration) -> Result<Option<Tracee>> {
+    match ptrace::seize(tid, 0) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    if ptrace::interrupt(tid).is_err() {
+        let _ = ptrace::detach(tid, 0);
+        return Ok(None);
+    }
+    match ptrace::wait_until(tid, Instant::now() + timeout)? {
+        Some(WaitStatus::Stopped { sig, event }) => {
+            let kind = if event == ptrace::EVENT_STOP {
+                if sig == libc::SIGTRAP {
+                    StopKind::Interrupt
+                } else {
+                    StopKind::GroupStop(sig)
+                }
+            } else {
+                StopKind::Signal(sig)
+            };
+            Ok(Some(Tracee {
+                tid,
+                kind,
+                siginfo: None,
+            }))
+        }
+        Some(_) => Ok(None),
+        None => Err(Error::StopTimeout {
+            pid: tid,
+            tid,
+            millis: timeout.as_millis() as u64,
+            state: "?".into(),
+        }),
+    }
+}

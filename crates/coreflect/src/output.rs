@@ -1,0 +1,265 @@
+//! Creating the core file safely: an unnamed file (`O_TMPFILE`) in the target directory,
+//! mode 0600, linked to its final name only once complete. Never through a symlink, never
+//! over an existing file unless asked. A dump that fails leaves nothing at the path.
+
+use crate::error::{Error, Result};
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::io::{AsRawFd, FromRawFd};
+use std::path::{Path, PathBuf};
+
+/// A core file being written.
+#[derive(Debug)]
+pub struct OutputFile {
+    file: File,
+    path: PathBuf,
+    overwrite: bool,
+    /// The visible temporary name, when the filesystem has no `O_TMPFILE`.
+    temp: Option<PathBuf>,
+    committed: bool,
+}
+
+fn cstr(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap_or_default()
+}
+
+fn out_err(what: &'static str, path: &Path, e: io::Error) -> Error {
+    let hint = match e.raw_os_error() {
+        Some(libc::ENOENT) => "; the directory does not exist: create it or choose another -o",
+        Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => {
+            "; the directory is not writable by this user: choose another -o"
+        }
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
+            "; the filesystem is full: free space or choose another -o"
+        }
+        Some(libc::EEXIST) => "; pass --overwrite to replace it, or choose another -o",
+        _ => "",
+    };
+    Error::Output {
+        what,
+        path: path.to_path_buf(),
+        source: e,
+        hint: hint.to_string(),
+    }
+}
+
+impl OutputFile {
+    /// Creates the (still unnamed) output for `path`, checking up front that it can be
+    /// committed there.
+    pub fn create(path: &Path, overwrite: bool) -> Result<OutputFile> {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(Error::Output {
+                    what: "refusing to write through the symbolic link",
+                    path: path.to_path_buf(),
+                    source: io::Error::from_raw_os_error(libc::ELOOP),
+                    hint: "; coreflect never follows or replaces a symlink at the output path: remove it or choose another -o".into(),
+                })
+            }
+            Ok(m) if m.is_dir() => {
+                return Err(out_err(
+                    "output path is a directory",
+                    path,
+                    io::Error::from_raw_os_error(libc::EISDIR),
+                ))
+            }
+            Ok(_) if !overwrite => {
+                return Err(out_err(
+                    "output file already exists",
+                    path,
+                    io::Error::from_raw_os_error(libc::EEXIST),
+                ))
+            }
+            _ => {}
+        }
+        match std::fs::metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(out_err(
+                    "output directory is not a directory",
+                    &dir,
+                    io::Error::from_raw_os_error(libc::ENOTDIR),
+                ))
+            }
+            Err(e) => return Err(out_err("cannot use output directory", &dir, e)),
+        }
+        let cdir = cstr(&dir);
+        let fd = unsafe {
+            libc::open(
+                cdir.as_ptr(),
+                libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC,
+                0o600,
+            )
+        };
+        if fd >= 0 {
+            let file = unsafe { File::from_raw_fd(fd) };
+            return Ok(OutputFile {
+                file,
+                path: path.to_path_buf(),
+                overwrite,
+                temp: None,
+                committed: false,
+            });
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::EISDIR) | Some(libc::EINVAL) => {}
+            _ => return Err(out_err("cannot create a file in", &dir, e)),
+        }
+        // No O_TMPFILE here: a hidden temporary name, renamed at the end.
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let temp = dir.join(format!(".{name}.coreflect-{}.tmp", std::process::id()));
+        let ct = cstr(&temp);
+        let fd = unsafe {
+            libc::open(
+                ct.as_ptr(),
+                libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_RDWR | libc::O_CLOEXEC,
+                0o600,
+            )
+        };
+        if fd < 0 {
+            return Err(out_err("cannot create", &temp, io::Error::last_os_error()));
+        }
+        Ok(OutputFile {
+            file: unsafe { File::from_raw_fd(fd) },
+            path: path.to_path_buf(),
+            overwrite,
+            temp: Some(temp),
+            committed: false,
+        })
+    }
+
+    /// The file to write into.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The final path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Gives the complete file its name. Without `overwrite`, fails if the name was taken
+    /// meanwhile; with it, atomically replaces the old file (a symlink is never followed).
+    pub fn commit(mut self) -> Result<PathBuf> {
+        let cpath = cstr(&self.path);
+        if let Some(temp) = self.temp.clone() {
+            let ct = cstr(&temp);
+            let flags = if self.overwrite {
+                0
+            } else {
+                libc::RENAME_NOREPLACE
+            };
+            let r = unsafe {
+                libc::renameat2(
+                    libc::AT_FDCWD,
+                    ct.as_ptr(),
+                    libc::AT_FDCWD,
+                    cpath.as_ptr(),
+                    flags,
+                )
+            };
+            if r != 0 {
+                return Err(out_err(
+                    "cannot name the core",
+                    &self.path,
+                    io::Error::last_os_error(),
+                ));
+            }
+            self.committed = true;
+            return Ok(self.path.clone());
+        }
+        let fdpath = CString::new(format!("/proc/self/fd/{}", self.file.as_raw_fd())).unwrap();
+        let link = |to: &CString| unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                fdpath.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        };
+        if link(&cpath) == 0 {
+            self.committed = true;
+            return Ok(self.path.clone());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EEXIST) || !self.overwrite {
+            return Err(out_err("cannot name the core", &self.path, e));
+        }
+        // Replace: link under a temporary name, then rename over (atomic; replaces a
+        // symlink itself rather than writing through it).
+        let dir = self
+            .path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let temp = dir.join(format!(
+            ".coreflect-{}-{}.tmp",
+            std::process::id(),
+            self.file.as_raw_fd()
+        ));
+        let ct = cstr(&temp);
+        if link(&ct) != 0 {
+            return Err(out_err(
+                "cannot name the core",
+                &temp,
+                io::Error::last_os_error(),
+            ));
+        }
+        if unsafe { libc::rename(ct.as_ptr(), cpath.as_ptr()) } != 0 {
+            let e = io::Error::last_os_error();
+            unsafe { libc::unlink(ct.as_ptr()) };
+            return Err(out_err("cannot name the core", &self.path, e));
+        }
+        self.committed = true;
+        Ok(self.path.clone())
+    }
+}
+
+impl Drop for OutputFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            if let Some(t) = &self.temp {
+                let _ = std::fs::remove_file(t);
+            }
+        }
+    }
+}
+
+/// The default file name: `<comm>_<yymmdd_HHMMSS>.<pid>.core` (local time).
+pub fn default_name(comm: &str, pid: i32) -> String {
+    let t = unsafe { libc::time(std::ptr::null_mut()) };
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    unsafe { libc::localtime_r(&t, &mut tm) };
+    let safe: String = comm
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!(
+        "{}_{:02}{:02}{:02}_{:02}{:02}{:02}.{}.core",
+        if safe.is_empty() { "process" } else { &safe },
+        tm.tm_year % 100,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec,
+        pid
+    )
+}

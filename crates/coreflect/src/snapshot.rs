@@ -1,0 +1,748 @@
+//! Reflection: a frozen, copy-on-write image of a live process, taken with a pause of
+//! milliseconds — the Linux analogue of Windows' `PssCaptureSnapshot`.
+//!
+//! [`Snapshot::capture`] stops every thread, captures their registers, makes one thread run
+//! an injected `clone(CLONE_FILES, exit signal 0)`, restores and releases the target, and
+//! keeps the clone stopped (it never runs the target's code). Memory is then read from the
+//! clone while the target runs; thread state comes from the target. Dropping the snapshot
+//! kills the clone and reaps its zombie inside the target, so the target never sees a child.
+//!
+//! In [`Mode::Suspend`] (or when `Auto` falls back) no clone is made: the target stays
+//! stopped until the snapshot is dropped.
+
+use crate::arch::x86_64::{self as arch};
+use crate::elf::notes::{self, NoteInput};
+use crate::elf::writer::{self, MemoryReader, Progress, SegmentPlan, Sink, Source, WriteStats};
+use crate::error::{Error, Pid, Result};
+use crate::inject;
+use crate::proc::{self, mem::Pagemap, Mapping, MappingKind, ProcMem, ProcessInfo, ThreadTimes};
+use crate::ptrace::{self, WaitStatus};
+use crate::select::{Extent, RegionPolicy};
+use crate::stop::{StoppedProcess, ThreadState};
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How to take the snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Reflect if possible, else suspend (with a warning saying why).
+    #[default]
+    Auto,
+    /// Reflect, or fail with the reason.
+    Reflect,
+    /// Keep the target stopped for the snapshot's whole life.
+    Suspend,
+}
+
+impl Mode {
+    /// The name used on the command line and in reports.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Mode::Auto => "auto",
+            Mode::Reflect => "reflect",
+            Mode::Suspend => "suspend",
+        }
+    }
+}
+
+/// Named points of a dump, for progress displays and fault-injection tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Every thread is stopped and captured; nothing injected yet (inside the pause).
+    Stopped,
+    /// The target is released and the clone exists (reflect mode).
+    Released,
+    /// The core's data is being written.
+    Writing,
+    /// The clone was killed; its zombie is about to be reaped in the target.
+    Reaping,
+}
+
+impl Phase {
+    /// The phase's name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Phase::Stopped => "stopped",
+            Phase::Released => "released",
+            Phase::Writing => "writing",
+            Phase::Reaping => "reaping",
+        }
+    }
+}
+
+/// A callback at each [`Phase`].
+pub type PhaseHook = Arc<dyn Fn(Phase) + Send + Sync>;
+
+/// Options of [`Snapshot::capture`].
+#[derive(Clone)]
+pub struct Options {
+    /// Reflect, suspend, or choose.
+    pub mode: Mode,
+    /// How long stopping all threads may take before giving up.
+    pub stop_timeout: Duration,
+    /// Refuse (before stopping anything) if the estimated pause is longer.
+    pub max_pause: Option<Duration>,
+    /// Checked before stopping the target and while writing: set it to cancel.
+    pub cancel: Option<Arc<AtomicBool>>,
+    /// Called at each phase.
+    pub hook: Option<PhaseHook>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            mode: Mode::Auto,
+            stop_timeout: Duration::from_secs(2),
+            max_pause: None,
+            cancel: None,
+            hook: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("mode", &self.mode)
+            .field("stop_timeout", &self.stop_timeout)
+            .field("max_pause", &self.max_pause)
+            .finish()
+    }
+}
+
+impl Options {
+    fn phase(&self, p: Phase) {
+        if let Some(h) = &self.hook {
+            h(p)
+        }
+    }
+    fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::SeqCst))
+    }
+}
+
+/// Where the pause went, in microseconds from the first `PTRACE_SEIZE`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PauseBreakdown {
+    /// Seizing and stopping every thread.
+    pub stop_us: u64,
+    /// Reading registers, XSTATE and signal masks.
+    pub capture_us: u64,
+    /// The injected clone syscall, until the other threads were released.
+    pub clone_us: u64,
+    /// Restoring and releasing the injection thread.
+    pub release_us: u64,
+    /// The whole pause: first stop to last release (in suspend mode: until the snapshot
+    /// is dropped).
+    pub total_us: u64,
+    /// The estimate made before stopping.
+    pub estimate_us: u64,
+}
+
+/// An address range `[start, end)`.
+pub type Range = (u64, u64);
+
+/// `CLONE_FILES`: share the fd table, so the clone holds no extra file references.
+const CLONE_FILES: u64 = 0x400;
+
+/// The clone: stopped, traced by us, set to `exit_group(0)` if it ever runs. Killed and
+/// reaped when dropped.
+#[derive(Debug)]
+struct CloneGuard {
+    target: Pid,
+    clone: Pid,
+    insn: u64,
+    options: u32,
+    hook: Option<PhaseHookDebug>,
+}
+
+#[derive(Clone)]
+struct PhaseHookDebug(PhaseHook);
+impl std::fmt::Debug for PhaseHookDebug {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("hook")
+    }
+}
+
+impl CloneGuard {
+    /// Kills the clone, waits for its death as its tracer, and reaps its zombie inside the
+    /// target. Returns a warning if the zombie could not be reaped.
+    fn finish(&mut self) -> Option<String> {
+        if self.clone == 0 {
+            return None;
+        }
+        let clone = std::mem::take(&mut self.clone);
+        unsafe { libc::kill(clone, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match ptrace::wait_until(clone, deadline) {
+                Ok(Some(s)) if s.is_gone() => break,
+                Ok(Some(_)) => continue,
+                _ => break,
+            }
+        }
+        if let Some(h) = &self.hook {
+            (h.0)(Phase::Reaping)
+        }
+        match inject::reap_in_target(
+            self.target,
+            &[clone],
+            self.insn,
+            self.options,
+            Duration::from_secs(2),
+        ) {
+            Ok(1) => None,
+            Ok(_) => Some(format!(
+                "the clone {clone}'s zombie was not reaped in pid {}; the next dump reaps it",
+                self.target
+            )),
+            Err(Error::NoSuchProcess { .. }) | Err(Error::ProcessExited { .. }) => None,
+            Err(e) => Some(format!(
+                "could not reap the clone {clone}'s zombie in pid {}: {e}; the next dump reaps it",
+                self.target
+            )),
+        }
+    }
+}
+
+impl Drop for CloneGuard {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
+/// A frozen image of a process: thread state captured from the target while it was
+/// stopped, memory readable from the clone (or the stopped target in suspend mode).
+///
+/// The snapshot must be dropped on the thread that captured it when it holds a stopped
+/// target (suspend mode): ptrace binds tracees to the thread that attached them.
+#[derive(Debug)]
+pub struct Snapshot {
+    pid: Pid,
+    mode: Mode,
+    process: ProcessInfo,
+    threads: Vec<ThreadState>,
+    times: Vec<ThreadTimes>,
+    mappings: Vec<Mapping>,
+    live: Vec<Range>,
+    image: ProcMem,
+    image_pagemap: Option<Pagemap>,
+    target_mem: ProcMem,
+    clone: Option<CloneGuard>,
+    stopped: Option<StoppedProcess>,
+    stopped_at: Instant,
+    pause: PauseBreakdown,
+    warnings: Vec<String>,
+    _not_send: PhantomData<*const ()>,
+}
+
+/// Checks that `pid` can be dumped at all and reads its process information.
+pub fn preflight(pid: Pid) -> Result<ProcessInfo> {
+    if pid <= 0 {
+        return Err(Error::InvalidPid { pid: pid as i64 });
+    }
+    if pid as u32 == std::process::id() {
+        return Err(Error::SelfDump { pid });
+    }
+    let stat = proc::Stat::read(pid)?;
+    if stat.is_kernel_thread() {
+        return Err(Error::KernelThread {
+            pid,
+            comm: stat.comm,
+        });
+    }
+    if matches!(stat.state, 'Z' | 'X' | 'x') {
+        return Err(Error::Zombie {
+            pid,
+            comm: stat.comm,
+        });
+    }
+    let status = proc::Status::read(pid)?;
+    if status.tgid != pid {
+        return Err(Error::NotAProcess {
+            tid: pid,
+            tgid: status.tgid,
+        });
+    }
+    if status.no_mm {
+        return Err(Error::KernelThread {
+            pid,
+            comm: stat.comm,
+        });
+    }
+    if status.tracer_pid != 0 {
+        return Err(Error::AlreadyTraced {
+            pid,
+            tracer: status.tracer_pid,
+            tracer_comm: proc::Stat::read(status.tracer_pid)
+                .map(|s| s.comm)
+                .unwrap_or_default(),
+        });
+    }
+    ProcessInfo::read(pid)
+}
+
+/// Why reflection cannot be used for this target, if it cannot; else the extra ptrace
+/// options the injection needs.
+fn reflect_blocker(p: &ProcessInfo, maps: &[Mapping]) -> std::result::Result<u32, String> {
+    if let Some(m) = maps
+        .iter()
+        .find(|m| m.has_flag("um") || m.has_flag("uw") || m.has_flag("ui"))
+    {
+        return Err(format!(
+            "memory at {:#x}-{:#x} is registered with userfaultfd (the clone syscall would wait for the target's own, stopped, fault handler)",
+            m.start, m.end
+        ));
+    }
+    if p.status.seccomp != 0 {
+        let me = proc::Status::read(std::process::id() as Pid).unwrap_or_default();
+        const CAP_SYS_ADMIN: u64 = 1 << 21;
+        if me.cap_eff & CAP_SYS_ADMIN == 0 || me.seccomp != 0 {
+            return Err(format!(
+                "the target runs under a seccomp filter (Seccomp: {}) that may kill it on the injected clone, and coreflect lacks CAP_SYS_ADMIN to suspend seccomp (PTRACE_O_SUSPEND_SECCOMP)",
+                p.status.seccomp
+            ));
+        }
+        return Ok(ptrace::O_SUSPEND_SECCOMP);
+    }
+    Ok(0)
+}
+
+/// The pause a snapshot of this process is expected to cost, from its page-table size
+/// (the clone copies page tables: ~7 µs per KiB of `VmPTE`), its anonymous memory in huge
+/// pages and its thread count.
+pub fn estimate_pause(status: &proc::Status, mode: Mode) -> Duration {
+    let us = match mode {
+        Mode::Suspend => 1000 + status.vm_rss_kb / 1500, // the whole write, ~1.5 GB/s
+        _ => 300 + 20 * status.threads as u64 + status.vm_pte_kb * 7 + status.rss_anon_kb / 1024,
+    };
+    Duration::from_micros(us)
+}
+
+/// Children of `pid` that look like clones left by an interrupted coreflect: zombies created
+/// with exit signal 0 (`PTRACE_EVENT_CLONE`), invisible to the target's own `wait`.
+pub fn leftover_clones(pid: Pid) -> Vec<Pid> {
+    proc::children(pid)
+        .into_iter()
+        .filter(|&c| proc::Stat::read(c).is_ok_and(|s| s.state == 'Z' && s.exit_signal == 0))
+        .collect()
+}
+
+fn us(d: Duration) -> u64 {
+    d.as_micros() as u64
+}
+
+impl Snapshot {
+    /// Takes a snapshot of process `pid`.
+    pub fn capture(pid: Pid, opts: &Options) -> Result<Snapshot> {
+        let process = preflight(pid)?;
+        let mut warnings = Vec::new();
+        let target_maps = proc::maps::read_smaps(pid)?;
+        let target_mem = ProcMem::open(pid)?;
+        let mut mode = opts.mode;
+        let mut extra_opts = 0;
+        if mode != Mode::Suspend {
+            match reflect_blocker(&process, &target_maps) {
+                Ok(o) => extra_opts = o,
+                Err(reason) if mode == Mode::Reflect => {
+                    return Err(Error::ReflectUnavailable { pid, reason })
+                }
+                Err(reason) => {
+                    warnings.push(format!(
+                        "reflection unavailable: {reason}; dumped in suspend mode (target stopped for the whole write)"
+                    ));
+                    mode = Mode::Suspend;
+                }
+            }
+        }
+        let vdso_insn = if mode != Mode::Suspend {
+            inject::find_syscall_in_vdso(&target_maps, &target_mem)
+        } else {
+            None
+        };
+        if let Some(insn) = vdso_insn {
+            let z = leftover_clones(pid);
+            if !z.is_empty() {
+                match inject::reap_in_target(pid, &z, insn, extra_opts, opts.stop_timeout) {
+                    Ok(n) => warnings.push(format!(
+                        "reaped {n} leftover clone zombie(s) of an earlier interrupted dump"
+                    )),
+                    Err(e) => warnings.push(format!("could not reap leftover clone zombies: {e}")),
+                }
+            }
+        }
+        let estimate = estimate_pause(&process.status, mode);
+        if let Some(max) = opts.max_pause {
+            if estimate > max {
+                return Err(Error::PauseTooLong {
+                    pid,
+                    estimate_ms: estimate.as_secs_f64() * 1e3,
+                    limit_ms: max.as_secs_f64() * 1e3,
+                });
+            }
+        }
+        if opts.cancelled() {
+            return Err(Error::Cancelled);
+        }
+        let mut xbuf = vec![0u8; arch::xstate_buffer_size()];
+        let mut pause = PauseBreakdown {
+            estimate_us: us(estimate),
+            ..Default::default()
+        };
+
+        // ---- the pause begins ----
+        let t0 = Instant::now();
+        let mut stopped = StoppedProcess::stop(pid, opts.stop_timeout)?;
+        pause.stop_us = us(t0.elapsed());
+        let threads = stopped.capture(&mut xbuf)?;
+        pause.capture_us = us(t0.elapsed()) - pause.stop_us;
+        opts.phase(Phase::Stopped);
+
+        let mut clone = None;
+        if mode != Mode::Suspend {
+            let insn = vdso_insn.or_else(|| inject::find_syscall_behind(&threads, &target_mem));
+            let chosen = inject::choose_thread(&threads);
+            let attempt = match (insn, chosen) {
+                (None, _) => Err(Error::ReflectUnavailable {
+                    pid,
+                    reason: "no syscall instruction to borrow (no [vdso], no thread blocked in a syscall)".into(),
+                }),
+                (_, None) => Err(Error::ReflectUnavailable {
+                    pid,
+                    reason: "no thread can safely run the injected clone (all are delivering signals, group-stopped, or in mask-swapping syscalls)".into(),
+                }),
+                (Some(insn), Some(i)) => {
+                    reflect(&mut stopped, &threads[i], insn, extra_opts, t0, &mut pause)
+                }
+            };
+            match attempt {
+                Ok(c) => {
+                    pause.total_us = us(t0.elapsed());
+                    clone = Some(CloneGuard {
+                        target: pid,
+                        clone: c,
+                        insn: insn.unwrap_or(0),
+                        options: extra_opts,
+                        hook: opts.hook.clone().map(PhaseHookDebug),
+                    });
+                }
+                Err(e @ Error::ReflectUnavailable { .. })
+                    if mode == Mode::Auto && !stopped.tracees().is_empty() =>
+                {
+                    warnings.push(format!("{e}: dumped in suspend mode instead"));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // ---- the pause ends (reflect mode) ----
+
+        let (image_pid, stopped) = match &clone {
+            Some(c) => {
+                mode = Mode::Reflect;
+                setup_clone(c.clone, c.insn)?;
+                opts.phase(Phase::Released);
+                (c.clone, None)
+            }
+            None => {
+                mode = Mode::Suspend;
+                (pid, Some(stopped))
+            }
+        };
+        let times = threads
+            .iter()
+            .map(|t| ThreadTimes::read(pid, t.tid))
+            .collect();
+        let (mappings, live) = if clone.is_some() {
+            image_mappings(image_pid, pid, &mut warnings)?
+        } else {
+            (proc::maps::read_smaps(pid)?, Vec::new())
+        };
+        let image = ProcMem::open(image_pid)?;
+        let image_pagemap = Pagemap::open(image_pid).ok();
+        Ok(Snapshot {
+            pid,
+            mode,
+            process,
+            threads,
+            times,
+            mappings,
+            live,
+            image,
+            image_pagemap,
+            target_mem,
+            clone,
+            stopped,
+            stopped_at: t0,
+            pause,
+            warnings,
+            _not_send: PhantomData,
+        })
+    }
+
+    /// The target's pid.
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// The mode actually used (`Reflect` or `Suspend`).
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The clone's pid (reflect mode).
+    pub fn clone_pid(&self) -> Option<Pid> {
+        self.clone.as_ref().map(|c| c.clone)
+    }
+
+    /// Process information read before the pause.
+    pub fn process(&self) -> &ProcessInfo {
+        &self.process
+    }
+
+    /// Every thread's state, main thread first.
+    pub fn threads(&self) -> &[ThreadState] {
+        &self.threads
+    }
+
+    /// The memory map of the image.
+    pub fn mappings(&self) -> &[Mapping] {
+        &self.mappings
+    }
+
+    /// How long the target was stopped. In suspend mode, `total_us` grows until drop.
+    pub fn pause(&self) -> PauseBreakdown {
+        let mut p = self.pause;
+        if self.stopped.is_some() {
+            p.total_us = us(self.stopped_at.elapsed());
+        }
+        p
+    }
+
+    /// Problems that did not stop the snapshot.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Reads the image's memory at `addr`; returns how many bytes were readable.
+    pub fn read_memory(&self, addr: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        let src = if self.is_live(addr) {
+            Source::Live
+        } else {
+            Source::Image
+        };
+        MemoryReader::read_at(self, src, addr, buf)
+    }
+
+    fn is_live(&self, addr: u64) -> bool {
+        self.live.iter().any(|&(s, e)| addr >= s && addr < e)
+    }
+
+    /// The segments a core of this snapshot has under `policy`.
+    pub fn plan(&self, policy: &dyn RegionPolicy) -> Vec<SegmentPlan> {
+        let page = crate::page_size();
+        self.mappings
+            .iter()
+            .map(|m| {
+                let source = if self.is_live(m.start) {
+                    Source::Live
+                } else {
+                    Source::Image
+                };
+                let mut is_elf = || {
+                    let mut b = [0u8; 4];
+                    self.read_at(source, m.start, &mut b).ok() == Some(4) && &b == b"\x7fELF"
+                };
+                let filesz = match policy.extent(m, &mut is_elf) {
+                    Extent::None => 0,
+                    Extent::Whole => m.len(),
+                    Extent::FirstPage => page.min(m.len()),
+                };
+                SegmentPlan {
+                    vaddr: m.start,
+                    memsz: m.len(),
+                    filesz,
+                    flags: m.elf_flags(),
+                    source,
+                    sparse: !m.shared && m.kind() == MappingKind::Anonymous,
+                    name: m.name.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// The core's notes.
+    pub fn notes(&self) -> Vec<u8> {
+        notes::build(&NoteInput {
+            process: &self.process,
+            threads: &self.threads,
+            times: &self.times,
+            mappings: &self.mappings,
+        })
+    }
+
+    /// Writes a complete ELF core of the snapshot to `sink`.
+    pub fn write_core(
+        &self,
+        sink: &mut dyn Sink,
+        policy: &dyn RegionPolicy,
+        progress: &mut dyn Progress,
+    ) -> Result<WriteStats> {
+        let segs = self.plan(policy);
+        let notes = self.notes();
+        writer::write_core(sink, &notes, &segs, self, progress)
+    }
+
+    /// Ends the snapshot now: kills and reaps the clone (or releases the stopped target).
+    /// Returns a warning if something was left for the next dump to clean.
+    pub fn finish(mut self) -> Option<String> {
+        self.stopped.take();
+        self.clone.as_mut().and_then(|c| c.finish())
+    }
+}
+
+impl MemoryReader for Snapshot {
+    fn read_at(&self, source: Source, addr: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        match source {
+            Source::Image => self.image.read_at(addr, buf),
+            Source::Live => self.target_mem.read_at(addr, buf),
+        }
+    }
+    fn pagemap(&self, source: Source, addr: u64, out: &mut [u64]) -> bool {
+        match (source, &self.image_pagemap) {
+            (Source::Image, Some(pm)) => pm.entries(addr, out).is_ok(),
+            _ => false,
+        }
+    }
+}
+
+// The snapshot is !Send (ptrace binds to a thread) but may be shared for reading: its
+// reading methods only `pread` files.
+unsafe impl Sync for Snapshot {}
+
+/// Injects the clone into thread `t`, releasing the other threads at the clone event.
+/// Returns the clone's pid.
+fn reflect(
+    stopped: &mut StoppedProcess,
+    t: &ThreadState,
+    insn: u64,
+    extra_opts: u32,
+    t0: Instant,
+    pause: &mut PauseBreakdown,
+) -> Result<Pid> {
+    let tid = t.tid;
+    let tracee = stopped.forget(tid).expect("chosen thread is stopped");
+    let mut released = false;
+    let mut clone_at = 0;
+    let options = ptrace::O_TRACECLONE | ptrace::O_EXITKILL | extra_opts;
+    let r = inject::inject_syscall(
+        tid,
+        &t.regs,
+        t.sigmask,
+        insn,
+        arch::SYS_CLONE,
+        [CLONE_FILES, 0, 0, 0, 0, 0],
+        options,
+        Duration::from_secs(60),
+        &mut |_child| {
+            // The clone's memory is fixed: let every other thread go at once.
+            stopped.release_all();
+            released = true;
+            clone_at = us(t0.elapsed());
+            Ok(())
+        },
+    );
+    match r {
+        Ok(inject::Injected {
+            ret,
+            child: Some(c),
+        }) if ret == c as i64 => {
+            crate::stop::detach_tracee(&tracee)?;
+            pause.clone_us = clone_at - pause.stop_us - pause.capture_us;
+            pause.release_us = us(t0.elapsed()) - clone_at;
+            Ok(c)
+        }
+        other => {
+            if let Ok(inject::Injected { child: Some(c), .. }) = other {
+                unsafe { libc::kill(c, libc::SIGKILL) };
+            }
+            if released {
+                let _ = crate::stop::detach_tracee(&tracee);
+            } else {
+                stopped.adopt(tracee);
+            }
+            match other {
+                Err(e) => Err(e),
+                Ok(inj) => Err(Error::ReflectUnavailable {
+                    pid: stopped.pid(),
+                    reason: format!(
+                        "the injected clone failed: {}",
+                        std::io::Error::from_raw_os_error((-inj.ret) as i32)
+                    ),
+                }),
+            }
+        }
+    }
+}
+
+/// At the clone's first stop: point it at `exit_group(0)` so it can never run the target's
+/// code, kill it if we die, and make it the OOM killer's first choice.
+fn setup_clone(clone: Pid, insn: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    match ptrace::wait_until(clone, deadline)? {
+        Some(WaitStatus::Stopped { .. }) => {}
+        other => {
+            return Err(Error::io(
+                format!("waiting for the clone {clone} to stop"),
+                std::io::Error::other(format!("unexpected status {other:?}")),
+            ))
+        }
+    }
+    let mut r = ptrace::get_regs(clone)?;
+    r.0.rip = insn;
+    r.0.rax = arch::SYS_EXIT_GROUP;
+    r.0.orig_rax = u64::MAX;
+    r.0.rdi = 0;
+    ptrace::set_regs(clone, &r)?;
+    ptrace::set_options(clone, ptrace::O_EXITKILL)?;
+    let _ = std::fs::write(format!("/proc/{clone}/oom_score_adj"), "1000");
+    Ok(())
+}
+
+/// The clone's memory map, plus what only the live target holds (MADV_DONTFORK ranges are
+/// absent from the clone, MADV_WIPEONFORK ranges are zero there): those are read live.
+fn image_mappings(
+    clone: Pid,
+    target: Pid,
+    warnings: &mut Vec<String>,
+) -> Result<(Vec<Mapping>, Vec<Range>)> {
+    let mut maps = proc::maps::read_smaps(clone)?;
+    let mut live = Vec::new();
+    let target_maps = proc::maps::read_smaps(target).unwrap_or_default();
+    for m in target_maps
+        .iter()
+        .filter(|m| m.has_flag("dc") || m.has_flag("wf"))
+    {
+        let overlaps = maps.iter().any(|c| c.start < m.end && m.start < c.end);
+        if m.has_flag("dc") && overlaps {
+            continue;
+        }
+        if m.has_flag("dc") {
+            maps.push(m.clone());
+        }
+        live.push((m.start, m.end));
+        warnings.push(format!(
+            "{:#x}-{:#x} ({} KiB, {}) is {} and was read from the live target, not the frozen image",
+            m.start,
+            m.end,
+            m.len() / 1024,
+            if m.name.is_empty() { "anonymous" } else { &m.name },
+            if m.has_flag("dc") { "MADV_DONTFORK" } else { "MADV_WIPEONFORK" }
+        ));
+    }
+    maps.sort_by_key(|m| m.start);
+    Ok((maps, live))
+}

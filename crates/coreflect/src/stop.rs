@@ -1,0 +1,307 @@
+//! Stopping every thread of a process with `PTRACE_SEIZE` + `PTRACE_INTERRUPT`, capturing
+//! their state, and releasing them.
+//!
+//! [`StoppedProcess`] releases every thread it still holds when dropped, so an error, a
+//! panic or an early return never leaves the target stopped.
+
+use crate::arch::x86_64::Regs;
+use crate::error::{Error, Pid, Result};
+use crate::proc;
+use crate::ptrace::{self, WaitStatus};
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+/// How a thread came to be stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopKind {
+    /// Our `PTRACE_INTERRUPT` stopped it (`PTRACE_EVENT_STOP` with SIGTRAP).
+    Interrupt,
+    /// It was in (or entered) a group stop, e.g. after SIGSTOP.
+    GroupStop(i32),
+    /// It stopped about to receive signal `.0`, which is re-delivered at release.
+    Signal(i32),
+}
+
+/// One stopped thread.
+#[derive(Debug, Clone)]
+pub struct Tracee {
+    /// Thread id.
+    pub tid: Pid,
+    /// How it stopped.
+    pub kind: StopKind,
+    /// The siginfo of the signal it stopped on, for [`StopKind::Signal`].
+    pub siginfo: Option<[u8; 128]>,
+}
+
+/// The state of one thread, captured while stopped.
+#[derive(Clone)]
+pub struct ThreadState {
+    /// Thread id.
+    pub tid: Pid,
+    /// General registers.
+    pub regs: Regs,
+    /// The `NT_PRFPREG` (fxsave, 512 bytes) area.
+    pub fpregs: Vec<u8>,
+    /// The `NT_X86_XSTATE` area, as long as the kernel returned it.
+    pub xstate: Vec<u8>,
+    /// Blocked signals.
+    pub sigmask: u64,
+    /// How it stopped (signal to re-deliver, if any).
+    pub kind: StopKind,
+    /// siginfo of the signal it was stopped on, if any.
+    pub siginfo: Option<[u8; 128]>,
+}
+
+impl std::fmt::Debug for ThreadState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThreadState")
+            .field("tid", &self.tid)
+            .field("regs", &self.regs)
+            .field("xstate_len", &self.xstate.len())
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+/// The most re-scans of `/proc/PID/task` before giving up on a process that keeps creating
+/// threads.
+pub const MAX_SCAN_PASSES: usize = 30;
+
+/// Every thread of a process, seized and stopped.
+#[derive(Debug)]
+pub struct StoppedProcess {
+    pid: Pid,
+    tracees: Vec<Tracee>,
+    /// Threads seized but not (yet) seen stopped; released by detaching when they stop.
+    unstopped: Vec<Pid>,
+    timeout: Duration,
+}
+
+impl StoppedProcess {
+    /// Seizes and interrupts every thread of `pid`, re-scanning until no new thread appears,
+    /// and waits (at most `timeout` in all) until each is stopped.
+    pub fn stop(pid: Pid, timeout: Duration) -> Result<StoppedProcess> {
+        let deadline = Instant::now() + timeout;
+        let mut sp = StoppedProcess {
+            pid,
+            tracees: Vec::new(),
+            unstopped: Vec::new(),
+            timeout,
+        };
+        let mut known: HashSet<Pid> = HashSet::new();
+        for pass in 0.. {
+            let tids = match proc::threads(pid) {
+                Ok(t) => t,
+                Err(Error::NoSuchProcess { .. }) if pass > 0 => {
+                    return Err(Error::ProcessExited { pid })
+                }
+                Err(e) => return Err(e),
+            };
+            let new: Vec<Pid> = tids.into_iter().filter(|t| known.insert(*t)).collect();
+            if new.is_empty() {
+                break;
+            }
+            if pass >= MAX_SCAN_PASSES {
+                return Err(Error::io(
+                    format!("stopping pid {pid}"),
+                    std::io::Error::other(format!(
+                        "it kept creating threads through {MAX_SCAN_PASSES} scans of /proc/{pid}/task; try again"
+                    )),
+                ));
+            }
+            let mut seized = Vec::with_capacity(new.len());
+            for tid in new {
+                match ptrace::seize(tid, 0) {
+                    Ok(()) => seized.push(tid),
+                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
+                    Err(e)
+                        if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) =>
+                    {
+                        return Err(seize_refused(pid, tid))
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            for &tid in &seized {
+                sp.unstopped.push(tid);
+                if let Err(e) = ptrace::interrupt(tid) {
+                    if e.raw_os_error() != Some(libc::ESRCH) {
+                        return Err(e);
+                    }
+                }
+            }
+            for tid in seized {
+                sp.wait_stopped(tid, deadline)?;
+            }
+        }
+        if sp.tracees.is_empty() {
+            return Err(Error::ProcessExited { pid });
+        }
+        // Main thread first, then by tid.
+        sp.tracees.sort_by_key(|t| (t.tid != pid, t.tid));
+        Ok(sp)
+    }
+
+    fn wait_stopped(&mut self, tid: Pid, deadline: Instant) -> Result<()> {
+        loop {
+            let st = match ptrace::wait_until(tid, deadline)? {
+                Some(st) => st,
+                None => {
+                    let state = proc::Status::read_thread(self.pid, tid)
+                        .map(|s| s.state.to_string())
+                        .unwrap_or_else(|_| "?".into());
+                    return Err(Error::StopTimeout {
+                        pid: self.pid,
+                        tid,
+                        millis: self.timeout.as_millis() as u64,
+                        state,
+                    });
+                }
+            };
+            let kind = match st {
+                WaitStatus::Stopped { sig, event } if event == ptrace::EVENT_STOP => {
+                    if sig == libc::SIGTRAP {
+                        StopKind::Interrupt
+                    } else {
+                        StopKind::GroupStop(sig)
+                    }
+                }
+                WaitStatus::Stopped { sig, event: 0 } => StopKind::Signal(sig),
+                WaitStatus::Stopped { .. } | WaitStatus::SyscallStop => {
+                    // Not expected without options; resume it towards the interrupt stop.
+                    ptrace::cont(tid, 0)?;
+                    continue;
+                }
+                WaitStatus::Exited(_) | WaitStatus::Signaled(_) => {
+                    self.unstopped.retain(|t| *t != tid);
+                    return Ok(());
+                }
+            };
+            let siginfo = match kind {
+                StopKind::Signal(_) => ptrace::get_siginfo(tid).ok(),
+                _ => None,
+            };
+            self.unstopped.retain(|t| *t != tid);
+            self.tracees.push(Tracee { tid, kind, siginfo });
+            return Ok(());
+        }
+    }
+
+    /// The target's pid.
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// The stopped threads, main thread first.
+    pub fn tracees(&self) -> &[Tracee] {
+        &self.tracees
+    }
+
+    /// Captures registers, FP/XSTATE and signal mask of every stopped thread. `xbuf` is a
+    /// scratch buffer at least as large as the CPU's XSAVE area.
+    pub fn capture(&self, xbuf: &mut [u8]) -> Result<Vec<ThreadState>> {
+        let mut out = Vec::with_capacity(self.tracees.len());
+        for t in &self.tracees {
+            let regs = ptrace::get_regs(t.tid)?;
+            let n = ptrace::get_regset(t.tid, ptrace::NT_X86_XSTATE, xbuf)?;
+            let xstate = xbuf[..n].to_vec();
+            // The fxsave area is the first 512 bytes of the XSAVE area; ask the kernel only
+            // when XSTATE is not available.
+            let fpregs = if n >= 512 {
+                let mut f = xstate[..512].to_vec();
+                f[464..].fill(0); // software-reserved bytes belong to XSTATE only
+                f
+            } else {
+                let mut f = vec![0u8; 512];
+                let m = ptrace::get_regset(t.tid, ptrace::NT_PRFPREG, &mut f)?;
+                f.truncate(m);
+                f
+            };
+            let sigmask = ptrace::get_sigmask(t.tid)?;
+            out.push(ThreadState {
+                tid: t.tid,
+                regs,
+                fpregs,
+                xstate,
+                sigmask,
+                kind: t.kind,
+                siginfo: t.siginfo,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Releases one thread (re-delivering its intercepted signal) and forgets it.
+    pub fn release(&mut self, tid: Pid) -> Result<()> {
+        let Some(i) = self.tracees.iter().position(|t| t.tid == tid) else {
+            return Ok(());
+        };
+        let t = self.tracees.remove(i);
+        detach_tracee(&t)
+    }
+
+    /// Forgets a thread without detaching it (the caller took it over).
+    pub fn forget(&mut self, tid: Pid) -> Option<Tracee> {
+        let i = self.tracees.iter().position(|t| t.tid == tid)?;
+        Some(self.tracees.remove(i))
+    }
+
+    /// Takes a thread back (after [`StoppedProcess::forget`]), still stopped.
+    pub fn adopt(&mut self, t: Tracee) {
+        self.tracees.push(t);
+    }
+
+    /// Releases every thread still held. Errors (a thread that died) are ignored.
+    pub fn release_all(&mut self) {
+        for t in std::mem::take(&mut self.tracees) {
+            let _ = detach_tracee(&t);
+        }
+        // Threads seized but never seen stopped: wait briefly for their stop, then detach.
+        let deadline = Instant::now() + Duration::from_millis(200);
+        for tid in std::mem::take(&mut self.unstopped) {
+            if let Ok(Some(WaitStatus::Stopped { sig, event })) = ptrace::wait_until(tid, deadline)
+            {
+                let redeliver = if event == 0 { sig } else { 0 };
+                let _ = ptrace::detach(tid, redeliver);
+            }
+        }
+    }
+}
+
+/// Detaches a tracee, re-delivering the signal it was stopped on.
+pub fn detach_tracee(t: &Tracee) -> Result<()> {
+    let sig = match t.kind {
+        StopKind::Signal(s) => s,
+        _ => 0,
+    };
+    match ptrace::detach(t.tid, sig) {
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+        r => r,
+    }
+}
+
+impl Drop for StoppedProcess {
+    fn drop(&mut self) {
+        self.release_all();
+    }
+}
+
+/// The error for a refused `PTRACE_SEIZE`: already traced, or not permitted.
+pub fn seize_refused(pid: Pid, tid: Pid) -> Error {
+    let tracer = proc::Status::read_thread(pid, tid)
+        .map(|s| s.tracer_pid)
+        .unwrap_or(0);
+    if tracer != 0 {
+        Error::AlreadyTraced {
+            pid,
+            tracer,
+            tracer_comm: proc::Stat::read(tracer).map(|s| s.comm).unwrap_or_default(),
+        }
+    } else {
+        Error::PermissionDenied {
+            pid,
+            what: "ptrace",
+            hint: ptrace::permission_hint(),
+        }
+    }
+}
