@@ -182,7 +182,15 @@ mod tests {
 
     #[test]
     fn stat_parses_comm_with_spaces_and_parens() {
-        let s = "42 (a (b) c) S 1 42 42 0 -1 4194560 1 0 0 0 7 3 0 0 20 0 1 0 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 17 0 0 0 0 0 0";
+        // Fields 3..=52; field n is at index n - 3.
+        let mut f: Vec<String> = (3..=52).map(|_| "0".to_string()).collect();
+        f[0] = "S".into();
+        f[4 - 3] = "1".into();
+        f[14 - 3] = "7".into();
+        f[15 - 3] = "3".into();
+        f[38 - 3] = "17".into();
+        let s = format!("42 (a (b) c) {}", f.join(" "));
+        let s = s.as_str();
         let st = Stat::parse(s).unwrap();
         assert_eq!(st.comm, "a (b) c");
         assert_eq!(st.state, 'S');
