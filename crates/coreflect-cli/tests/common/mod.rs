@@ -1,0 +1,342 @@
+//! Shared helpers of the integration tests: real target processes, the real `coreflect`
+//! binary, real gdb and elfutils.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The coreflect binary under test.
+pub fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_coreflect"))
+}
+
+/// A running test target (`coreflect __target`).
+pub struct Target {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    /// Its pid.
+    pub pid: i32,
+    /// The fields of its READY line.
+    pub ready: HashMap<String, String>,
+}
+
+fn parse_fields(line: &str) -> HashMap<String, String> {
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn num(v: &str) -> u64 {
+    match v.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).unwrap(),
+        None => v.parse().unwrap(),
+    }
+}
+
+fn reader_thread(out: ChildStdout) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(l) = line else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+impl Target {
+    /// Starts a target with these options and waits for READY.
+    pub fn spawn(args: &[&str]) -> Target {
+        let mut child = Command::new(exe())
+            .arg("__target")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the test target");
+        let lines = reader_thread(child.stdout.take().unwrap());
+        let line = lines
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the test target did not print READY");
+        assert!(line.starts_with("READY"), "unexpected first line {line:?}");
+        let ready = parse_fields(&line);
+        Target {
+            pid: child.id() as i32,
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            ready,
+        }
+    }
+
+    /// A numeric READY field.
+    pub fn get(&self, key: &str) -> u64 {
+        num(self
+            .ready
+            .get(key)
+            .unwrap_or_else(|| panic!("READY has no {key}")))
+    }
+
+    /// Checks it still answers (its main thread runs and reads stdin).
+    pub fn ping(&mut self) -> bool {
+        let Some(i) = self.stdin.as_mut() else {
+            return false;
+        };
+        if writeln!(i, "ping").is_err() {
+            return false;
+        }
+        matches!(self.lines.recv_timeout(Duration::from_secs(10)), Ok(l) if l.starts_with("PONG"))
+    }
+
+    /// Asks it to quit and returns its counters.
+    pub fn quit(mut self) -> HashMap<String, u64> {
+        let mut i = self.stdin.take().unwrap();
+        writeln!(i, "quit").unwrap();
+        drop(i);
+        let line = loop {
+            let l = self
+                .lines
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the target did not report its counters");
+            if l.starts_with("STATS") {
+                break l;
+            }
+        };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "target exited with {status}");
+        parse_fields(&line)
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k,
+                    if v == "true" {
+                        1
+                    } else {
+                        v.parse().unwrap_or(0)
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// The threads of the target now.
+    pub fn threads(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.pid))
+            .unwrap()
+            .count()
+    }
+
+    /// Asserts the target is not stopped, not traced.
+    pub fn assert_free(&self) {
+        assert_free(self.pid);
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A field of /proc/PID/status.
+pub fn status_field(pid: i32, key: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Asserts every thread of `pid` is untraced and not stopped.
+pub fn assert_free(pid: i32) {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let tid = t.unwrap().file_name().to_string_lossy().to_string();
+        let s =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
+        let get = |k: &str| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            get("TracerPid:"),
+            "0",
+            "thread {tid} of {pid} is still traced"
+        );
+        let state = get("State:");
+        assert!(
+            !state.starts_with('t') && !state.starts_with('T'),
+            "thread {tid} of {pid} is stopped: {state}"
+        );
+    }
+}
+
+/// The children of `pid` (all threads).
+pub fn children(pid: i32) -> Vec<i32> {
+    let mut v = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let tid = t.unwrap().file_name().to_string_lossy().to_string();
+        let s =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")).unwrap_or_default();
+        v.extend(s.split_whitespace().map(|w| w.parse::<i32>().unwrap()));
+    }
+    v
+}
+
+/// Runs coreflect with these arguments.
+pub fn coreflect(args: &[&str]) -> Output {
+    Command::new(exe())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run coreflect")
+}
+
+/// A JSON report (flat fields only, enough for the tests).
+#[derive(Debug)]
+pub struct Json(pub String);
+
+impl Json {
+    /// A raw field value (number, or string without quotes).
+    pub fn get(&self, key: &str) -> Option<String> {
+        let pat = format!("\"{key}\":");
+        let at = self.0.find(&pat)? + pat.len();
+        let rest = &self.0[at..];
+        if let Some(r) = rest.strip_prefix('"') {
+            let end = r.find('"')?;
+            Some(r[..end].to_string())
+        } else {
+            let end = rest.find([',', '}']).unwrap_or(rest.len());
+            Some(rest[..end].to_string())
+        }
+    }
+    /// A numeric field.
+    pub fn num(&self, key: &str) -> u64 {
+        self.get(key)
+            .unwrap_or_else(|| panic!("no {key} in {}", self.0))
+            .parse()
+            .unwrap()
+    }
+    /// The warnings array's raw text.
+    pub fn warnings(&self) -> String {
+        let at = self.0.find("\"warnings\":[").map(|i| i + 12).unwrap_or(0);
+        self.0[at..].trim_end_matches(['}', ']']).to_string()
+    }
+}
+
+/// Dumps `pid` to `out` with `--json` and extra arguments; panics with stderr on failure.
+pub fn dump(pid: i32, out: &Path, extra: &[&str]) -> Json {
+    let mut args = vec![
+        "dump".to_string(),
+        pid.to_string(),
+        "-o".into(),
+        out.display().to_string(),
+        "--json".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let argv: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let o = coreflect(&argv);
+    assert!(
+        o.status.success(),
+        "coreflect {argv:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Json(String::from_utf8(o.stdout).unwrap().trim().to_string())
+}
+
+/// A fresh, empty directory for one test.
+pub fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("coreflect-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Runs gdb in batch mode on `core` with these commands; returns stdout+stderr.
+pub fn gdb(core: &Path, cmds: &[&str]) -> String {
+    let mut c = Command::new("gdb");
+    c.args([
+        "-batch",
+        "-nx",
+        "-iex",
+        "set debuginfod enabled off",
+        "-iex",
+        "set pagination off",
+    ]);
+    for x in cmds {
+        c.args(["-ex", x]);
+    }
+    c.arg(exe()).arg(core);
+    let o = c
+        .output()
+        .expect("gdb must be installed (apt-get install gdb)");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Runs a tool and returns stdout+stderr (panics if it cannot start).
+pub fn run_tool(prog: &str, args: &[&str]) -> (bool, String) {
+    let o = Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog} must be installed: {e}"));
+    (
+        o.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+/// True when running as root (tests that mount filesystems or switch users need it).
+pub fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The functions each test-target thread parks in.
+pub const WORKERS: &[&str] = &[
+    "spin_worker",
+    "read_worker",
+    "sleep_worker",
+    "condvar_worker",
+    "accept_worker",
+    "pause_worker",
+    "waitpid_worker",
+    "seq_writer",
+];
+
+/// Asserts the counters a target reports show nothing an intrusive dumper would cause.
+pub fn assert_undisturbed(stats: &HashMap<String, u64>) {
+    let want = [
+        ("sigchld", 0),
+        ("read_ok", 1),
+        ("read_eintr", 0),
+        ("read_bad", 0),
+        ("short_sleep", 0),
+        ("sleep_err", 0),
+        ("pause_returns", 0),
+        ("waitpid_children", 0),
+        ("waitpid_errors", 0),
+        ("accept_ok", 1),
+        ("accept_err", 0),
+        ("condvar_ok", 1),
+    ];
+    for (k, v) in want {
+        assert_eq!(stats.get(k), Some(&v), "target counter {k} in {stats:?}");
+    }
+}
