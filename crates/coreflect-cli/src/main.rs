@@ -121,14 +121,15 @@ pub fn cancel_flag() -> Arc<AtomicBool> {
 }
 
 /// The test hook: `COREFLECT_TEST_PAUSE_AT=<phase>` makes the tool announce the phase on
-/// stderr and stop there until killed, so fault tests can kill it at a known point.
-pub fn test_hook() -> Option<coreflect::snapshot::PhaseHook> {
+/// stderr and wait there until it is killed or cancelled (SIGINT/SIGTERM), so fault tests
+/// can act at a known point.
+pub fn test_hook(cancel: Arc<AtomicBool>) -> Option<coreflect::snapshot::PhaseHook> {
     let want = std::env::var("COREFLECT_TEST_PAUSE_AT").ok()?;
     Some(Arc::new(move |p: Phase| {
         if p.as_str() == want {
             eprintln!("coreflect: test pause at {}", p.as_str());
-            loop {
-                std::thread::sleep(Duration::from_secs(3600));
+            while !cancel.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
             }
         }
     }))
@@ -166,8 +167,8 @@ pub fn run_dump(a: &DumpArgs) -> i32 {
             },
             stop_timeout: a.stop_timeout,
             max_pause: a.max_pause,
-            cancel: Some(cancel),
-            hook: test_hook(),
+            cancel: Some(cancel.clone()),
+            hook: test_hook(cancel),
         },
         output,
         overwrite: a.overwrite,

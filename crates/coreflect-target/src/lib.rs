@@ -8,7 +8,9 @@
 //! Protocol: once ready it prints one line on stdout
 //! `READY pid=.. marker_addr=0x.. marker=0x.. pattern_addr=0x.. pattern_len=.. seq_addr=0x..
 //! seq_pages=.. seq_stride=.. [wof_addr=0x.. wof_len=..] [sparse_addr=0x.. sparse_len=..]`.
-//! It then reads commands on stdin: `quit` prints `STATS key=value ...` and exits 0.
+//! It then reads commands on stdin: `quit` prints `STATS key=value ...` and exits 0;
+//! `ping` prints `PONG`; `gapreset`/`gap` reset and print (`GAP us=N`) the longest stop
+//! the heartbeat thread (`--heartbeat`) saw; `fork` times a bare `fork()` (`FORK us=N`).
 //! End of stdin also quits.
 
 use std::io::{BufRead, Write};
@@ -48,6 +50,8 @@ pub struct TargetOptions {
     pub thp: bool,
     /// Extra idle threads (to test many-thread targets).
     pub extra_threads: usize,
+    /// Run a heartbeat thread that measures how long the process is stopped.
+    pub heartbeat: bool,
 }
 
 impl Default for TargetOptions {
@@ -61,6 +65,7 @@ impl Default for TargetOptions {
             sparse_touch_every: 0,
             thp: false,
             extra_threads: 0,
+            heartbeat: false,
         }
     }
 }
@@ -85,6 +90,7 @@ impl TargetOptions {
                 "--extra-threads" => o.extra_threads = num(a)?,
                 "--seccomp-kill-clone" => o.seccomp_kill_clone = true,
                 "--thp" => o.thp = true,
+                "--heartbeat" => o.heartbeat = true,
                 other => return Err(format!("unknown option {other}")),
             }
         }
@@ -108,6 +114,38 @@ struct Counters {
     accept_err: AtomicU64,
     condvar_ok: AtomicU64,
     spins: AtomicU64,
+}
+
+/// Largest gap (µs) the heartbeat thread saw between two of its clock reads.
+static MAX_GAP_US: AtomicU64 = AtomicU64::new(0);
+
+/// Reads the monotonic clock every ~50 µs and keeps the largest gap: how long the process
+/// was stopped, as its own threads see it.
+#[inline(never)]
+pub fn heartbeat_worker() {
+    let mut last = Instant::now();
+    while !QUIT.load(Relaxed) {
+        std::thread::sleep(Duration::from_micros(50));
+        let now = Instant::now();
+        let gap = now.duration_since(last).as_micros() as u64;
+        MAX_GAP_US.fetch_max(gap, Relaxed);
+        last = now;
+    }
+}
+
+/// Forks; the child exits at once. Returns how long `fork()` took in the parent (µs).
+#[inline(never)]
+pub fn timed_fork() -> u64 {
+    let t = Instant::now();
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        unsafe { libc::_exit(0) };
+    }
+    let us = t.elapsed().as_micros() as u64;
+    if pid > 0 {
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+    }
+    us
 }
 
 static COUNTERS: std::sync::OnceLock<Counters> = std::sync::OnceLock::new();
@@ -367,6 +405,9 @@ pub fn run(o: TargetOptions) -> ! {
         ),
     ];
     let pause_thread = spawn("pause", Box::new(pause_worker));
+    if o.heartbeat {
+        hs.push(spawn("heartbeat", Box::new(heartbeat_worker)));
+    }
     for i in 0..o.extra_threads {
         hs.push(spawn(&format!("idle{i}"), Box::new(idle_worker)));
     }
@@ -395,6 +436,25 @@ pub fn run(o: TargetOptions) -> ! {
             Ok("quit") | Err(_) => break,
             Ok("ping") => {
                 println!("PONG spins={}", c().spins.load(Relaxed));
+                std::io::stdout().flush().ok();
+            }
+            Ok("gapreset") => {
+                MAX_GAP_US.store(0, SeqCst);
+                println!("GAPRESET");
+                std::io::stdout().flush().ok();
+            }
+            Ok("gap") => {
+                println!("GAP us={}", MAX_GAP_US.load(SeqCst));
+                std::io::stdout().flush().ok();
+            }
+            Ok("fork") => {
+                // Not counted as the dumper's doing: the child is ours.
+                let (s0, w0) = (c().sigchld.load(SeqCst), c().waitpid_children.load(SeqCst));
+                let us = timed_fork();
+                std::thread::sleep(Duration::from_millis(20));
+                c().sigchld.store(s0, SeqCst);
+                c().waitpid_children.store(w0, SeqCst);
+                println!("FORK us={us}");
                 std::io::stdout().flush().ok();
             }
             _ => {}
