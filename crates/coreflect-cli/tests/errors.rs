@@ -15,7 +15,10 @@ fn fails_with(args: &[&str], needle: &str) -> String {
         err.to_lowercase().contains(&needle.to_lowercase()),
         "coreflect {args:?}: expected {needle:?} in:\n{err}"
     );
-    assert!(err.starts_with("coreflect: error:") || err.contains("error:"), "{err}");
+    assert!(
+        err.starts_with("coreflect: error:") || err.contains("error:"),
+        "{err}"
+    );
     err
 }
 
@@ -42,11 +45,20 @@ fn a_thread_id_is_not_a_process() {
     let t = Target::spawn(&["--heap-mib", "1"]);
     let tid = std::fs::read_dir(format!("/proc/{}/task", t.pid))
         .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().parse::<i32>().unwrap())
+        .map(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .parse::<i32>()
+                .unwrap()
+        })
         .find(|&x| x != t.pid)
         .unwrap();
     let o = d.join("x.core");
-    fails_with(&["dump", &tid.to_string(), "-o", o.to_str().unwrap()], &format!("thread of process {}", t.pid));
+    fails_with(
+        &["dump", &tid.to_string(), "-o", o.to_str().unwrap()],
+        &format!("thread of process {}", t.pid),
+    );
     t.assert_free();
 }
 
@@ -73,7 +85,10 @@ fn zombie() {
     }
     let z = z.expect("no zombie appeared");
     let o = d.join("x.core");
-    fails_with(&["dump", &z.to_string(), "-o", o.to_str().unwrap()], "zombie");
+    fails_with(
+        &["dump", &z.to_string(), "-o", o.to_str().unwrap()],
+        "zombie",
+    );
     let _ = sh.kill();
     let _ = sh.wait();
     assert!(empty(&d));
@@ -85,7 +100,11 @@ fn itself() {
     // The shell's pid becomes coreflect's through exec.
     let o = Command::new("sh")
         .arg("-c")
-        .arg(format!("exec {} dump $$ -o {}/x.core", exe().display(), d.display()))
+        .arg(format!(
+            "exec {} dump $$ -o {}/x.core",
+            exe().display(),
+            d.display()
+        ))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
@@ -106,7 +125,14 @@ fn already_traced() {
     let o = d.join("x.core");
     for mode in ["auto", "suspend"] {
         fails_with(
-            &["dump", &t.pid.to_string(), "-o", o.to_str().unwrap(), "--mode", mode],
+            &[
+                "dump",
+                &t.pid.to_string(),
+                "-o",
+                o.to_str().unwrap(),
+                "--mode",
+                mode,
+            ],
             &format!("already traced by pid {me}"),
         );
     }
@@ -128,7 +154,12 @@ fn permission_denied_names_the_fix() {
     let o = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(exe())
-        .args(["dump", &t.pid.to_string(), "-o", d.join("x.core").to_str().unwrap()])
+        .args([
+            "dump",
+            &t.pid.to_string(),
+            "-o",
+            d.join("x.core").to_str().unwrap(),
+        ])
         .output()
         .expect("setpriv (util-linux)");
     let err = String::from_utf8_lossy(&o.stderr);
@@ -146,11 +177,17 @@ fn output_problems() {
     let pid = t.pid.to_string();
     // Missing directory.
     let missing = d.join("no/such/dir/x.core");
-    fails_with(&["dump", &pid, "-o", missing.to_str().unwrap()], "does not exist");
+    fails_with(
+        &["dump", &pid, "-o", missing.to_str().unwrap()],
+        "does not exist",
+    );
     // An existing file without --overwrite is kept; with it, replaced.
     let existing = d.join("existing.core");
     std::fs::write(&existing, b"keep me").unwrap();
-    fails_with(&["dump", &pid, "-o", existing.to_str().unwrap()], "--overwrite");
+    fails_with(
+        &["dump", &pid, "-o", existing.to_str().unwrap()],
+        "--overwrite",
+    );
     assert_eq!(std::fs::read(&existing).unwrap(), b"keep me");
     dump(t.pid, &existing, &["--overwrite"]);
     assert!(std::fs::metadata(&existing).unwrap().len() > 4096);
@@ -165,7 +202,10 @@ fn output_problems() {
         fails_with(&args, "symbolic link");
     }
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
-    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
     // Only the files we made are there: no temporaries left behind.
     let mut names: Vec<String> = std::fs::read_dir(&d)
         .unwrap()
@@ -180,7 +220,14 @@ fn output_problems() {
 /// Mounts a small tmpfs at `dir` (root only); returns false if it could not.
 fn mount_tmpfs(dir: &std::path::Path, opts: &str) -> bool {
     Command::new("mount")
-        .args(["-t", "tmpfs", "-o", opts, "coreflect-test", dir.to_str().unwrap()])
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            opts,
+            "coreflect-test",
+            dir.to_str().unwrap(),
+        ])
         .status()
         .map(|s| s.success())
         .unwrap_or(false)
@@ -207,7 +254,14 @@ fn full_and_read_only_filesystems() {
     let pid = t.pid.to_string();
     for mode in ["auto", "suspend"] {
         let err = fails_with(
-            &["dump", &pid, "-o", full.join("x.core").to_str().unwrap(), "--mode", mode],
+            &[
+                "dump",
+                &pid,
+                "-o",
+                full.join("x.core").to_str().unwrap(),
+                "--mode",
+                mode,
+            ],
             "filesystem is full",
         );
         assert!(err.lines().count() == 1, "one line: {err}");
@@ -215,7 +269,10 @@ fn full_and_read_only_filesystems() {
         t.assert_free();
         assert!(children(t.pid).is_empty(), "clone left after a failed dump");
     }
-    fails_with(&["dump", &pid, "-o", ro.join("x.core").to_str().unwrap()], "not writable");
+    fails_with(
+        &["dump", &pid, "-o", ro.join("x.core").to_str().unwrap()],
+        "not writable",
+    );
     assert!(empty(&ro));
     umount(&full);
     umount(&ro);
@@ -230,7 +287,14 @@ fn max_pause_refuses_before_stopping() {
     let d = tmpdir("max-pause");
     let mut t = Target::spawn(&["--heap-mib", "64"]);
     let err = fails_with(
-        &["dump", &t.pid.to_string(), "-o", d.join("x.core").to_str().unwrap(), "--max-pause", "1us"],
+        &[
+            "dump",
+            &t.pid.to_string(),
+            "-o",
+            d.join("x.core").to_str().unwrap(),
+            "--max-pause",
+            "1us",
+        ],
         "estimated pause",
     );
     assert!(err.contains("exceeds the limit"), "{err}");

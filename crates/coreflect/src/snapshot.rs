@@ -732,6 +732,14 @@ fn image_mappings(
         }
         if m.has_flag("dc") {
             maps.push(m.clone());
+        } else if let Some(c) = maps
+            .iter_mut()
+            .find(|c| c.start == m.start && c.end == m.end)
+        {
+            // Wiped in the clone: describe it by the target's contents.
+            c.anonymous_kb = m.anonymous_kb;
+            c.swap_kb = m.swap_kb;
+            c.rss_kb = m.rss_kb;
         }
         live.push((m.start, m.end));
         warnings.push(format!(

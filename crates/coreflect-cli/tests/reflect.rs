@@ -1,0 +1,326 @@
+//! Reflection: repeated default-mode dumps of a busy target leave no trace in it, show one
+//! consistent instant, survive the tool being killed at any phase, and handle memory and
+//! filters a clone cannot hold.
+
+mod common;
+
+use common::*;
+use coreflect::elf::reader::CoreFile;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// The sequence numbers the target's writer stored, as the core holds them.
+fn seq_values(t: &Target, core: &Path) -> Vec<u64> {
+    let cf = CoreFile::open(core).unwrap();
+    let (base, pages, stride) = (t.get("seq_addr"), t.get("seq_pages"), t.get("seq_stride"));
+    (0..pages)
+        .map(|p| {
+            let b = cf
+                .read(base + p * stride, 8)
+                .unwrap()
+                .expect("seq page in core");
+            u64::from_le_bytes(b.try_into().unwrap())
+        })
+        .collect()
+}
+
+/// One instant: the writer stores n into pages 0.. in order, so a consistent image shows a
+/// run of n followed by a run of n-1 (or all equal).
+fn assert_one_instant(v: &[u64]) {
+    assert!(v[0] > 0, "the writer had not started: {v:?}");
+    for w in v.windows(2) {
+        assert!(w[0] >= w[1], "not one instant: {v:?}");
+    }
+    assert!(v[0] - v[v.len() - 1] <= 1, "not one instant: {v:?}");
+}
+
+#[test]
+fn repeated_dumps_leave_no_trace_and_show_one_instant() {
+    let d = tmpdir("repeat");
+    let t = Target::spawn(&["--heap-mib", "8", "--seq-pages", "256"]);
+    let threads = t.threads();
+    for i in 0..4 {
+        let core = d.join(format!("{i}.core"));
+        let json = dump(t.pid, &core, &[]);
+        assert_eq!(json.get("mode").as_deref(), Some("reflect"), "{}", json.0);
+        assert_eq!(json.warnings(), "", "warnings: {}", json.0);
+        assert!(json.num("pause_us") > 0);
+        t.assert_free();
+        assert!(
+            children(t.pid).is_empty(),
+            "the target has children after dump {i}"
+        );
+        assert_eq!(t.threads(), threads);
+        assert_one_instant(&seq_values(&t, &core));
+        std::fs::remove_file(&core).unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let stats = t.quit();
+    assert_undisturbed(&stats);
+    assert!(stats["sleeps"] > 0);
+}
+
+#[test]
+fn suspend_mode_is_consistent_too() {
+    let d = tmpdir("suspend-consistent");
+    let t = Target::spawn(&["--heap-mib", "4", "--seq-pages", "256"]);
+    let core = d.join("s.core");
+    dump(t.pid, &core, &["--mode", "suspend"]);
+    assert_one_instant(&seq_values(&t, &core));
+    assert_undisturbed(&t.quit());
+}
+
+/// Starts `coreflect dump` paused at `phase` (test hook); returns it once it got there.
+fn dump_paused_at(pid: i32, out: &Path, phase: &str) -> std::process::Child {
+    let mut c = Command::new(exe())
+        .args(["dump", &pid.to_string(), "-o", out.to_str().unwrap(), "-q"])
+        .env("COREFLECT_TEST_PAUSE_AT", phase)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(c.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(line.contains(&format!("test pause at {phase}")), "{line}");
+    // Keep draining stderr so the tool never blocks on it.
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        while err.read_line(&mut s).unwrap_or(0) > 0 {}
+    });
+    c
+}
+
+fn wait_free(pid: i32) {
+    // Detaching after the tracer's death is immediate, but give the kernel a moment.
+    for _ in 0..100 {
+        if std::panic::catch_unwind(|| assert_free(pid)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_free(pid);
+}
+
+fn child_states(pid: i32) -> Vec<char> {
+    children(pid)
+        .into_iter()
+        .filter_map(|c| {
+            let s = std::fs::read_to_string(format!("/proc/{c}/stat")).ok()?;
+            s.rsplit(')').next()?.trim().chars().next()
+        })
+        .collect()
+}
+
+#[test]
+fn killing_the_tool_at_any_phase_never_harms_the_target() {
+    let d = tmpdir("kill");
+    let mut t = Target::spawn(&["--heap-mib", "8"]);
+    for phase in ["stopped", "released", "writing", "reaping"] {
+        let out = d.join(format!("{phase}.core"));
+        let mut c = dump_paused_at(t.pid, &out, phase);
+        c.kill().unwrap();
+        c.wait().unwrap();
+        wait_free(t.pid);
+        assert!(t.ping(), "target stopped answering after a kill at {phase}");
+        // The clone never runs: at most a zombie is left, reaped by the next dump.
+        let mut states = child_states(t.pid);
+        for _ in 0..200 {
+            if states.iter().all(|s| *s == 'Z') {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            states = child_states(t.pid);
+        }
+        assert!(
+            states.iter().all(|s| *s == 'Z'),
+            "a live child after a kill at {phase}: {states:?}"
+        );
+        assert!(!out.exists(), "a file was left after a kill at {phase}");
+        assert_eq!(
+            std::fs::read_dir(&d).unwrap().count(),
+            0,
+            "temporary files left"
+        );
+        let json = dump(t.pid, &out, &[]);
+        assert_eq!(json.get("mode").as_deref(), Some("reflect"));
+        if !states.is_empty() {
+            assert!(json.warnings().contains("leftover"), "{}", json.0);
+        }
+        assert!(
+            children(t.pid).is_empty(),
+            "children left after the next dump ({phase})"
+        );
+        std::fs::remove_file(&out).unwrap();
+    }
+    assert_undisturbed(&t.quit());
+}
+
+#[test]
+fn sigterm_and_sigint_release_everything_and_leave_no_file() {
+    let d = tmpdir("sigterm");
+    let t = Target::spawn(&["--heap-mib", "8"]);
+    for (phase, sig) in [
+        ("writing", libc::SIGTERM),
+        ("released", libc::SIGINT),
+        ("stopped", libc::SIGTERM),
+    ] {
+        let out = d.join("x.core");
+        let mut c = dump_paused_at(t.pid, &out, phase);
+        unsafe { libc::kill(c.id() as i32, sig) };
+        let status = c.wait().unwrap();
+        assert_eq!(
+            status.code(),
+            Some(130),
+            "exit code after signal {sig} at {phase}"
+        );
+        assert!(!out.exists());
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0);
+        t.assert_free();
+        assert!(
+            children(t.pid).is_empty(),
+            "clone left after cancel at {phase}"
+        );
+    }
+    assert_undisturbed(&t.quit());
+}
+
+#[test]
+fn wipeonfork_memory_is_read_from_the_live_target() {
+    let d = tmpdir("wof");
+    let t = Target::spawn(&["--heap-mib", "1", "--wipeonfork-kib", "64"]);
+    let core = d.join("w.core");
+    let json = dump(t.pid, &core, &[]);
+    assert_eq!(json.get("mode").as_deref(), Some("reflect"));
+    assert!(json.warnings().contains("MADV_WIPEONFORK"), "{}", json.0);
+    let cf = CoreFile::open(&core).unwrap();
+    let b = cf
+        .read(t.get("wof_addr") + 100, 64)
+        .unwrap()
+        .expect("wipe-on-fork range in core");
+    assert!(
+        b.iter().all(|&x| x == 0xAB),
+        "the clone's zeros were dumped: {b:?}"
+    );
+    assert_undisturbed(&t.quit());
+}
+
+#[test]
+fn seccomp_target_with_and_without_cap_sys_admin() {
+    if !is_root() {
+        eprintln!("skipped: needs root (CAP_SYS_ADMIN to suspend seccomp)");
+        return;
+    }
+    let d = tmpdir("seccomp");
+    let mut t = Target::spawn(&["--heap-mib", "1", "--seccomp-kill-clone"]);
+    // With CAP_SYS_ADMIN: reflected, seccomp suspended for the injection only.
+    let core = d.join("a.core");
+    let json = dump(t.pid, &core, &[]);
+    assert_eq!(json.get("mode").as_deref(), Some("reflect"), "{}", json.0);
+    assert!(t.ping(), "the target died");
+    assert!(children(t.pid).is_empty());
+    // Without it: auto falls back to suspend with a warning; reflect refuses.
+    let nocap = |extra: &[&str]| {
+        Command::new("setpriv")
+            .args(["--inh-caps=-sys_admin", "--bounding-set=-sys_admin"])
+            .arg(exe())
+            .args([
+                "dump",
+                &t.pid.to_string(),
+                "-o",
+                d.join("b.core").to_str().unwrap(),
+                "--json",
+                "--overwrite",
+            ])
+            .args(extra)
+            .output()
+            .expect("setpriv")
+    };
+    let o = nocap(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let json = Json(String::from_utf8_lossy(&o.stdout).trim().to_string());
+    assert_eq!(json.get("mode").as_deref(), Some("suspend"), "{}", json.0);
+    assert!(json.warnings().contains("seccomp"), "{}", json.0);
+    let o = nocap(&["--mode", "reflect"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("seccomp") && err.contains("--mode suspend"),
+        "{err}"
+    );
+    t.assert_free();
+    assert!(t.ping(), "the target died");
+    assert_undisturbed(&t.quit());
+}
+
+#[test]
+fn snapshot_api_reads_the_frozen_image_while_the_target_runs() {
+    let mut t = Target::spawn(&["--heap-mib", "2", "--seq-pages", "64"]);
+    let snap = coreflect::Snapshot::capture(t.pid, &coreflect::Options::default()).unwrap();
+    assert_eq!(snap.mode(), coreflect::Mode::Reflect);
+    assert_eq!(snap.threads().len(), t.threads());
+    let clone = snap.clone_pid().unwrap();
+    let st = std::fs::read_to_string(format!("/proc/{clone}/stat")).unwrap();
+    assert!(
+        st.rsplit(')').next().unwrap().trim().starts_with('t'),
+        "clone not stopped: {st}"
+    );
+    // The target runs while the snapshot stays frozen.
+    assert!(t.ping());
+    let mut b = [0u8; 8];
+    assert_eq!(snap.read_memory(t.get("marker_addr"), &mut b).unwrap(), 8);
+    assert_eq!(u64::from_le_bytes(b), t.get("marker"));
+    let seq = t.get("seq_addr");
+    let mut first = [0u8; 8];
+    snap.read_memory(seq, &mut first).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let mut again = [0u8; 8];
+    snap.read_memory(seq, &mut again).unwrap();
+    assert_eq!(first, again, "the snapshot changed while the target ran");
+    // A core into any writer.
+    let mut sink = coreflect::elf::writer::StreamSink::new(Vec::new());
+    let stats = snap
+        .write_core(
+            &mut sink,
+            &coreflect::select::KernelPolicy::default(),
+            &mut |_, _| true,
+        )
+        .unwrap();
+    let bytes = sink.into_inner();
+    assert_eq!(bytes.len() as u64, stats.file_size);
+    assert_eq!(&bytes[..4], b"\x7fELF");
+    drop(snap);
+    assert!(
+        !Path::new(&format!("/proc/{clone}")).exists(),
+        "clone still exists"
+    );
+    assert!(children(t.pid).is_empty());
+    t.assert_free();
+    assert_undisturbed(&t.quit());
+}
+
+#[test]
+fn example_snapshot_prints_threads_and_value() {
+    let ex = exe().parent().unwrap().join("examples/snapshot");
+    assert!(
+        ex.exists(),
+        "{} missing: `cargo test --workspace` builds it",
+        ex.display()
+    );
+    let t = Target::spawn(&["--heap-mib", "1"]);
+    let o = Command::new(&ex)
+        .args([t.pid.to_string(), format!("{:x}", t.get("marker_addr"))])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains(&format!("threads={}", t.threads())), "{out}");
+    assert!(
+        out.contains(&format!("u64={:#x}", t.get("marker"))),
+        "{out}"
+    );
+    assert!(children(t.pid).is_empty());
+    assert_undisturbed(&t.quit());
+}
