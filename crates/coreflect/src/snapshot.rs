@@ -457,7 +457,7 @@ impl Snapshot {
             .map(|t| ThreadTimes::read(pid, t.tid))
             .collect();
         let (mappings, live) = if clone.is_some() {
-            image_mappings(image_pid, pid, &mut warnings)?
+            image_mappings(image_pid, &target_maps, &mut warnings)?
         } else {
             (proc::maps::read_smaps(pid)?, Vec::new())
         };
@@ -713,15 +713,15 @@ fn setup_clone(clone: Pid, insn: u64) -> Result<()> {
 }
 
 /// The clone's memory map, plus what only the live target holds (MADV_DONTFORK ranges are
-/// absent from the clone, MADV_WIPEONFORK ranges are zero there): those are read live.
+/// absent from the clone, MADV_WIPEONFORK ranges are zero there): those are read live. The
+/// target's map is the one read just before the pause.
 fn image_mappings(
     clone: Pid,
-    target: Pid,
+    target_maps: &[Mapping],
     warnings: &mut Vec<String>,
 ) -> Result<(Vec<Mapping>, Vec<Range>)> {
     let mut maps = proc::maps::read_smaps(clone)?;
     let mut live = Vec::new();
-    let target_maps = proc::maps::read_smaps(target).unwrap_or_default();
     for m in target_maps
         .iter()
         .filter(|m| m.has_flag("dc") || m.has_flag("wf"))

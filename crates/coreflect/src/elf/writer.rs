@@ -261,7 +261,153 @@ impl<F: FnMut(u64, u64) -> bool> Progress for F {
     }
 }
 
+/// One chunk of a segment, read and classified, ready to be written.
+#[derive(Debug)]
+struct Chunk {
+    buf: Vec<u8>,
+    /// File offset of the chunk's first byte.
+    offset: u64,
+    len: usize,
+    /// Per page: true if it holds data to write (false: hole).
+    data: Vec<bool>,
+    unpopulated: u64,
+    zero: u64,
+    unreadable: Vec<Unreadable>,
+}
+
+/// The chunks of all segments, in file order: (segment index, address, length, file offset).
+fn chunk_list(segs: &[SegmentPlan], lay: &Layout) -> Vec<(usize, u64, usize, u64)> {
+    let mut v = Vec::new();
+    for (i, (s, &off)) in segs.iter().zip(&lay.data_offsets).enumerate() {
+        let mut a = 0;
+        while a < s.filesz {
+            let n = (s.filesz - a).min(CHUNK as u64);
+            v.push((i, s.vaddr + a, n as usize, off + a));
+            a += n;
+        }
+    }
+    v
+}
+
+/// Reads one chunk into `buf` and classifies its pages.
+fn fill_chunk(
+    mem: &dyn MemoryReader,
+    s: &SegmentPlan,
+    addr: u64,
+    len: usize,
+    offset: u64,
+    mut buf: Vec<u8>,
+    pm: &mut Vec<u64>,
+) -> Chunk {
+    let page = crate::page_size() as usize;
+    let pages = len / page;
+    buf.resize(len.max(buf.len()), 0);
+    pm.resize(pages.max(pm.len()), 0);
+    let present = &mut pm[..pages];
+    if !(s.sparse && mem.pagemap(s.source, addr, present)) {
+        present.fill(PM_PRESENT);
+    }
+    let mut st = WriteStats::default();
+    let chunk = &mut buf[..len];
+    let mut i = 0;
+    while i < pages {
+        if present[i] & (PM_PRESENT | PM_SWAPPED) == 0 {
+            i += 1;
+            continue;
+        }
+        let mut j = i;
+        while j < pages && present[j] & (PM_PRESENT | PM_SWAPPED) != 0 {
+            j += 1;
+        }
+        read_run(mem, s, addr, chunk, page, i, j, present, &mut st);
+        i = j;
+    }
+    let mut data = Vec::with_capacity(pages);
+    let (mut unpopulated, mut zero) = (0, 0);
+    for (k, e) in present.iter().enumerate() {
+        if e & (PM_PRESENT | PM_SWAPPED) == 0 {
+            unpopulated += page as u64;
+            data.push(false);
+        } else if is_zero(&chunk[k * page..(k + 1) * page]) {
+            zero += page as u64;
+            data.push(false);
+        } else {
+            data.push(true);
+        }
+    }
+    Chunk {
+        buf,
+        offset,
+        len,
+        data,
+        unpopulated,
+        zero,
+        unreadable: st.unreadable,
+    }
+}
+
+/// Writes one chunk at its offset (the sink is at `*pos`): data runs, holes for the rest.
+fn emit_chunk(
+    sink: &mut dyn Sink,
+    c: &Chunk,
+    pos: &mut u64,
+    st: &mut WriteStats,
+) -> io::Result<()> {
+    let page = crate::page_size() as usize;
+    sink.skip(c.offset - *pos)?;
+    *pos = c.offset;
+    let mut i = 0;
+    let pages = c.data.len();
+    while i < pages {
+        let d = c.data[i];
+        let mut j = i + 1;
+        while j < pages && c.data[j] == d {
+            j += 1;
+        }
+        let (a, b) = (i * page, j * page);
+        if d {
+            sink.write_all(&c.buf[a..b])?;
+            st.bytes_written += (b - a) as u64;
+        } else {
+            sink.skip((b - a) as u64)?;
+        }
+        i = j;
+    }
+    *pos += c.len as u64;
+    st.unpopulated_bytes += c.unpopulated;
+    st.zero_bytes += c.zero;
+    for u in &c.unreadable {
+        match st.unreadable.last_mut() {
+            Some(l) if l.end == u.start && l.name == u.name => l.end = u.end,
+            _ => st.unreadable.push(u.clone()),
+        }
+    }
+    Ok(())
+}
+
+fn write_head(
+    sink: &mut dyn Sink,
+    lay: &Layout,
+    notes: &[u8],
+    st: &mut WriteStats,
+) -> io::Result<u64> {
+    sink.write_all(&lay.headers)?;
+    sink.write_all(notes)?;
+    let pos = lay.notes_offset + notes.len() as u64;
+    st.bytes_written = pos;
+    st.file_size = lay.total_len;
+    Ok(pos)
+}
+
+fn out_err(e: io::Error) -> Error {
+    Error::io("writing the core", e)
+}
+
 /// Writes a whole core: headers, `notes`, then the segments' bytes read from `mem`.
+///
+/// Reading and writing overlap: a reader thread fills a small ring of large buffers
+/// (reading, pagemap and zero-page checks) while this thread writes them out. The output
+/// is byte for byte the same as [`write_core_serial`]'s.
 pub fn write_core(
     sink: &mut dyn Sink,
     notes: &[u8],
@@ -269,85 +415,69 @@ pub fn write_core(
     mem: &dyn MemoryReader,
     progress: &mut dyn Progress,
 ) -> Result<WriteStats> {
-    let page = crate::page_size();
-    let lay = layout(notes.len() as u64, segs, page);
-    let mut st = WriteStats {
-        file_size: lay.total_len,
-        ..Default::default()
-    };
-    let out_err = |e: io::Error| Error::io("writing the core", e);
-    sink.write_all(&lay.headers).map_err(out_err)?;
-    sink.write_all(notes).map_err(out_err)?;
-    let mut pos = lay.notes_offset + notes.len() as u64;
-    st.bytes_written = pos;
+    const RING: usize = 3;
+    let lay = layout(notes.len() as u64, segs, crate::page_size());
+    let mut st = WriteStats::default();
+    let mut pos = write_head(sink, &lay, notes, &mut st).map_err(out_err)?;
+    let chunks = chunk_list(segs, &lay);
     let total: u64 = segs.iter().map(|s| s.filesz).sum();
     let mut done = 0u64;
-    let mut buf = vec![0u8; CHUNK];
-    let mut pm = vec![0u64; CHUNK / page as usize];
-    for (s, &off) in segs.iter().zip(&lay.data_offsets) {
-        if s.filesz == 0 {
-            continue;
+    let result = std::thread::scope(|scope| -> Result<()> {
+        let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Chunk>(RING);
+        for _ in 0..RING {
+            let _ = free_tx.send(Vec::with_capacity(CHUNK));
         }
-        sink.skip(off - pos).map_err(out_err)?;
-        pos = off;
-        let mut addr = s.vaddr;
-        let end = s.vaddr + s.filesz;
-        while addr < end {
-            let n = ((end - addr) as usize).min(CHUNK);
-            let pages = n / page as usize;
-            let chunk = &mut buf[..n];
-            let present = &mut pm[..pages];
-            if !(s.sparse && mem.pagemap(s.source, addr, present)) {
-                present.fill(PM_PRESENT);
+        let list = &chunks;
+        scope.spawn(move || {
+            let mut pm = Vec::new();
+            for &(i, addr, len, off) in list {
+                let Ok(buf) = free_rx.recv() else { return };
+                let c = fill_chunk(mem, &segs[i], addr, len, off, buf, &mut pm);
+                if full_tx.send(c).is_err() {
+                    return;
+                }
             }
-            // Read every run of populated pages.
-            let mut i = 0;
-            while i < pages {
-                if present[i] & (PM_PRESENT | PM_SWAPPED) == 0 {
-                    i += 1;
-                    continue;
-                }
-                let mut j = i;
-                while j < pages && present[j] & (PM_PRESENT | PM_SWAPPED) != 0 {
-                    j += 1;
-                }
-                read_run(mem, s, addr, chunk, page as usize, i, j, present, &mut st);
-                i = j;
-            }
-            // Write: data runs, holes for unpopulated, unreadable and zero pages.
-            let mut i = 0;
-            while i < pages {
-                let is_data = |k: usize| {
-                    present[k] & (PM_PRESENT | PM_SWAPPED) != 0
-                        && !is_zero(&chunk[k * page as usize..(k + 1) * page as usize])
-                };
-                let data = is_data(i);
-                let mut j = i + 1;
-                while j < pages && is_data(j) == data {
-                    j += 1;
-                }
-                let (a, b) = (i * page as usize, j * page as usize);
-                if data {
-                    sink.write_all(&chunk[a..b]).map_err(out_err)?;
-                    st.bytes_written += (b - a) as u64;
-                } else {
-                    sink.skip((b - a) as u64).map_err(out_err)?;
-                    for e in &present[i..j] {
-                        if e & (PM_PRESENT | PM_SWAPPED) == 0 {
-                            st.unpopulated_bytes += page;
-                        } else {
-                            st.zero_bytes += page;
-                        }
-                    }
-                }
-                i = j;
-            }
-            pos += n as u64;
-            addr += n as u64;
-            done += n as u64;
+        });
+        for c in full_rx.iter() {
+            emit_chunk(sink, &c, &mut pos, &mut st).map_err(out_err)?;
+            done += c.len as u64;
+            let _ = free_tx.send(c.buf);
             if !progress.update(done, total) {
                 return Err(Error::Cancelled);
             }
+        }
+        // Dropping full_rx/free_tx on return stops the reader.
+        Ok(())
+    });
+    result?;
+    sink.skip(lay.total_len - pos).map_err(out_err)?;
+    sink.finish(lay.total_len).map_err(out_err)?;
+    Ok(st)
+}
+
+/// The same as [`write_core`], on one thread: read a chunk, write it, repeat.
+pub fn write_core_serial(
+    sink: &mut dyn Sink,
+    notes: &[u8],
+    segs: &[SegmentPlan],
+    mem: &dyn MemoryReader,
+    progress: &mut dyn Progress,
+) -> Result<WriteStats> {
+    let lay = layout(notes.len() as u64, segs, crate::page_size());
+    let mut st = WriteStats::default();
+    let mut pos = write_head(sink, &lay, notes, &mut st).map_err(out_err)?;
+    let total: u64 = segs.iter().map(|s| s.filesz).sum();
+    let mut done = 0u64;
+    let mut buf = Vec::with_capacity(CHUNK);
+    let mut pm = Vec::new();
+    for (i, addr, len, off) in chunk_list(segs, &lay) {
+        let c = fill_chunk(mem, &segs[i], addr, len, off, buf, &mut pm);
+        emit_chunk(sink, &c, &mut pos, &mut st).map_err(out_err)?;
+        buf = c.buf;
+        done += len as u64;
+        if !progress.update(done, total) {
+            return Err(Error::Cancelled);
         }
     }
     sink.skip(lay.total_len - pos).map_err(out_err)?;
