@@ -162,11 +162,15 @@ extern "C" fn on_sigchld(_: libc::c_int) {
 /// Busy loop in user mode.
 #[inline(never)]
 pub fn spin_worker() {
+    // Busy in user mode ~1/3 of the time, so benchmarks on a small machine stay fair.
     while !QUIT.load(Relaxed) {
-        for _ in 0..1000 {
-            std::hint::black_box(c().spins.fetch_add(1, Relaxed));
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_micros(500) {
+            for _ in 0..1000 {
+                std::hint::black_box(c().spins.fetch_add(1, Relaxed));
+            }
         }
-        std::thread::yield_now();
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -262,6 +266,9 @@ pub fn seq_writer(base: usize, pages: usize, stride: usize) {
             unsafe { std::ptr::write_volatile((base + p * stride) as *mut u64, n) };
         }
         n += 1;
+        if n % 64 == 0 {
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 }
 

@@ -634,6 +634,7 @@ fn reflect(
     pause: &mut PauseBreakdown,
 ) -> Result<Pid> {
     let tid = t.tid;
+    let sigmask = ptrace::get_sigmask(tid)?;
     let tracee = stopped.forget(tid).expect("chosen thread is stopped");
     let mut released = false;
     let mut clone_at = 0;
@@ -641,7 +642,7 @@ fn reflect(
     let r = inject::inject_syscall(
         tid,
         &t.regs,
-        t.sigmask,
+        sigmask,
         insn,
         arch::SYS_CLONE,
         [CLONE_FILES, 0, 0, 0, 0, 0],

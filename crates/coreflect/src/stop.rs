@@ -44,7 +44,8 @@ pub struct ThreadState {
     pub fpregs: Vec<u8>,
     /// The `NT_X86_XSTATE` area, as long as the kernel returned it.
     pub xstate: Vec<u8>,
-    /// Blocked signals.
+    /// Blocked signals (read from /proc once the thread is released; see
+    /// [`crate::proc::ThreadTimes`]).
     pub sigmask: u64,
     /// How it stopped (signal to re-deliver, if any).
     pub kind: StopKind,
@@ -197,7 +198,8 @@ impl StoppedProcess {
         &self.tracees
     }
 
-    /// Captures registers, FP/XSTATE and signal mask of every stopped thread. `xbuf` is a
+    /// Captures registers and FP/XSTATE of every stopped thread (two ptrace requests each;
+    /// signal masks are read from /proc after the pause). `xbuf` is a
     /// scratch buffer at least as large as the CPU's XSAVE area.
     pub fn capture(&self, xbuf: &mut [u8]) -> Result<Vec<ThreadState>> {
         let mut out = Vec::with_capacity(self.tracees.len());
@@ -217,13 +219,12 @@ impl StoppedProcess {
                 f.truncate(m);
                 f
             };
-            let sigmask = ptrace::get_sigmask(t.tid)?;
             out.push(ThreadState {
                 tid: t.tid,
                 regs,
                 fpregs,
                 xstate,
-                sigmask,
+                sigmask: 0,
                 kind: t.kind,
                 siginfo: t.siginfo,
             });

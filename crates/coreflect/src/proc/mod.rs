@@ -20,9 +20,15 @@ pub fn path(pid: Pid, what: &str) -> PathBuf {
 }
 
 /// Reads a whole /proc file as bytes, mapping ENOENT/ESRCH to [`Error::NoSuchProcess`].
+/// (/proc files report size 0, so no size hint is asked for.)
 pub fn read_bytes(pid: Pid, what: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
     let p = path(pid, what);
-    std::fs::read(&p).map_err(|e| proc_error(pid, p, e))
+    let mut v = Vec::with_capacity(4096);
+    std::fs::File::open(&p)
+        .and_then(|mut f| f.read_to_end(&mut v))
+        .map_err(|e| proc_error(pid, p, e))?;
+    Ok(v)
 }
 
 /// Reads a whole /proc file as text (lossy UTF-8).
@@ -159,6 +165,8 @@ pub struct ThreadTimes {
     pub stime: u64,
     /// Pending signals (thread and shared).
     pub sig_pending: u64,
+    /// Blocked signals.
+    pub sig_blocked: u64,
 }
 
 impl ThreadTimes {
@@ -170,6 +178,7 @@ impl ThreadTimes {
             utime: st.utime,
             stime: st.stime,
             sig_pending: s.sig_pending,
+            sig_blocked: s.sig_blocked,
         }
     }
 }
