@@ -132,9 +132,9 @@ pub struct PauseBreakdown {
     pub stop_us: u64,
     /// Reading registers, XSTATE and signal masks.
     pub capture_us: u64,
-    /// The injected clone syscall, until the other threads were released.
+    /// The injected clone syscall, until its `PTRACE_EVENT_CLONE`.
     pub clone_us: u64,
-    /// Restoring and releasing the injection thread.
+    /// Restoring and releasing the injection thread, then every other thread.
     pub release_us: u64,
     /// The whole pause: first stop to last release (in suspend mode: until the snapshot
     /// is dropped).
@@ -398,6 +398,9 @@ impl Snapshot {
         let t0 = Instant::now();
         let mut stopped = StoppedProcess::stop(pid, opts.stop_timeout)?;
         pause.stop_us = us(t0.elapsed());
+        // Everyone is stopped: from here on nothing of the target needs a CPU until it is
+        // released, so the tracer may hold one.
+        let boost = PauseBoost::new();
         let threads = stopped.capture(&mut xbuf)?;
         pause.capture_us = us(t0.elapsed()) - pause.stop_us;
         opts.phase(Phase::Stopped);
@@ -439,6 +442,7 @@ impl Snapshot {
             }
         }
         // ---- the pause ends (reflect mode) ----
+        drop(boost);
 
         let (image_pid, stopped) = match &clone {
             Some(c) => {
@@ -623,7 +627,7 @@ impl MemoryReader for Snapshot {
 // reading methods only `pread` files.
 unsafe impl Sync for Snapshot {}
 
-/// Injects the clone into thread `t`, releasing the other threads at the clone event.
+/// Injects the clone into thread `t`, then releases it and every other thread.
 /// Returns the clone's pid.
 fn reflect(
     stopped: &mut StoppedProcess,
@@ -636,7 +640,6 @@ fn reflect(
     let tid = t.tid;
     let sigmask = ptrace::get_sigmask(tid)?;
     let tracee = stopped.forget(tid).expect("chosen thread is stopped");
-    let mut released = false;
     let mut clone_at = 0;
     let options = ptrace::O_TRACECLONE | ptrace::O_EXITKILL | extra_opts;
     let r = inject::inject_syscall(
@@ -649,9 +652,9 @@ fn reflect(
         options,
         Duration::from_secs(60),
         &mut |_child| {
-            // The clone's memory is fixed: let every other thread go at once.
-            stopped.release_all();
-            released = true;
+            // The clone's memory is fixed. The borrowed thread is finished and released
+            // first, while the others still hold still, so it never waits for a CPU
+            // behind them.
             clone_at = us(t0.elapsed());
             Ok(())
         },
@@ -661,7 +664,9 @@ fn reflect(
             ret,
             child: Some(c),
         }) if ret == c as i64 => {
-            crate::stop::detach_tracee(&tracee)?;
+            let r = crate::stop::detach_tracee(&tracee);
+            stopped.release_all();
+            r?;
             pause.clone_us = clone_at - pause.stop_us - pause.capture_us;
             pause.release_us = us(t0.elapsed()) - clone_at;
             Ok(c)
@@ -670,11 +675,7 @@ fn reflect(
             if let Ok(inject::Injected { child: Some(c), .. }) = other {
                 unsafe { libc::kill(c, libc::SIGKILL) };
             }
-            if released {
-                let _ = crate::stop::detach_tracee(&tracee);
-            } else {
-                stopped.adopt(tracee);
-            }
+            stopped.adopt(tracee);
             match other {
                 Err(e) => Err(e),
                 Ok(inj) => Err(Error::ReflectUnavailable {
@@ -685,6 +686,38 @@ fn reflect(
                     ),
                 }),
             }
+        }
+    }
+}
+
+/// Runs the calling thread under `SCHED_FIFO` for the pause, so the target threads it
+/// releases one by one (and wakes) cannot preempt it while the others still wait. Without
+/// the privilege it does nothing.
+struct PauseBoost(Option<(i32, libc::sched_param)>);
+
+impl PauseBoost {
+    fn new() -> PauseBoost {
+        unsafe {
+            let policy = libc::sched_getscheduler(0);
+            let mut old: libc::sched_param = std::mem::zeroed();
+            if policy < 0 || libc::sched_getparam(0, &mut old) != 0 {
+                return PauseBoost(None);
+            }
+            let p = libc::sched_param { sched_priority: 1 };
+            if policy == libc::SCHED_OTHER && libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) == 0
+            {
+                PauseBoost(Some((policy, old)))
+            } else {
+                PauseBoost(None)
+            }
+        }
+    }
+}
+
+impl Drop for PauseBoost {
+    fn drop(&mut self) {
+        if let Some((policy, old)) = self.0.take() {
+            unsafe { libc::sched_setscheduler(0, policy, &old) };
         }
     }
 }

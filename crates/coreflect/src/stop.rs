@@ -74,7 +74,7 @@ pub struct StoppedProcess {
     pid: Pid,
     tracees: Vec<Tracee>,
     /// Threads seized but not (yet) seen stopped; released by detaching when they stop.
-    unstopped: Vec<Pid>,
+    unstopped: HashSet<Pid>,
     timeout: Duration,
 }
 
@@ -86,7 +86,7 @@ impl StoppedProcess {
         let mut sp = StoppedProcess {
             pid,
             tracees: Vec::new(),
-            unstopped: Vec::new(),
+            unstopped: HashSet::new(),
             timeout,
         };
         let mut known: HashSet<Pid> = HashSet::new();
@@ -110,10 +110,12 @@ impl StoppedProcess {
                     )),
                 ));
             }
+            // Interrupt each thread right after seizing it, so the first ones are on their
+            // way to their stop while the rest are being seized.
             let mut seized = Vec::with_capacity(new.len());
             for tid in new {
                 match ptrace::seize(tid, 0) {
-                    Ok(()) => seized.push(tid),
+                    Ok(()) => {}
                     Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
                     Err(e)
                         if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) =>
@@ -122,18 +124,16 @@ impl StoppedProcess {
                     }
                     Err(e) => return Err(e),
                 }
-            }
-            for &tid in &seized {
-                sp.unstopped.push(tid);
-                if let Err(e) = ptrace::interrupt(tid) {
-                    if e.raw_os_error() != Some(libc::ESRCH) {
-                        return Err(e);
+                sp.unstopped.insert(tid);
+                match ptrace::interrupt(tid) {
+                    Ok(()) => seized.push(tid),
+                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                        seized.push(tid); // it is exiting: collect its exit
                     }
+                    Err(e) => return Err(e),
                 }
             }
-            for tid in seized {
-                sp.wait_stopped(tid, deadline)?;
-            }
+            sp.collect_stops(seized, deadline)?;
         }
         if sp.tracees.is_empty() {
             return Err(Error::ProcessExited { pid });
@@ -143,49 +143,84 @@ impl StoppedProcess {
         Ok(sp)
     }
 
-    fn wait_stopped(&mut self, tid: Pid, deadline: Instant) -> Result<()> {
-        loop {
-            let st = match ptrace::wait_until(tid, deadline)? {
-                Some(st) => st,
-                None => {
-                    let state = proc::Status::read_thread(self.pid, tid)
-                        .map(|s| s.state.to_string())
-                        .unwrap_or_else(|_| "?".into());
-                    return Err(Error::StopTimeout {
-                        pid: self.pid,
-                        tid,
-                        millis: self.timeout.as_millis() as u64,
-                        state,
-                    });
+    /// Collects the stops of `pending` threads, polling all of them in turn (a thread that
+    /// takes long to stop never holds up the others), yielding then sleeping briefly between
+    /// passes so that the interrupted threads get the CPU they need to reach their stop.
+    fn collect_stops(&mut self, mut pending: Vec<Pid>, deadline: Instant) -> Result<()> {
+        let mut pass = 0u32;
+        while !pending.is_empty() {
+            let mut err = None;
+            pending.retain(|&tid| {
+                if err.is_some() {
+                    return true;
                 }
-            };
-            let kind = match st {
-                WaitStatus::Stopped { sig, event } if event == ptrace::EVENT_STOP => {
-                    if sig == libc::SIGTRAP {
-                        StopKind::Interrupt
-                    } else {
-                        StopKind::GroupStop(sig)
+                match self.poll_stop(tid) {
+                    Ok(done) => !done,
+                    Err(e) => {
+                        err = Some(e);
+                        true
                     }
                 }
-                WaitStatus::Stopped { sig, event: 0 } => StopKind::Signal(sig),
-                WaitStatus::Stopped { .. } | WaitStatus::SyscallStop => {
-                    // Not expected without options; resume it towards the interrupt stop.
-                    ptrace::cont(tid, 0)?;
-                    continue;
-                }
-                WaitStatus::Exited(_) | WaitStatus::Signaled(_) => {
-                    self.unstopped.retain(|t| *t != tid);
-                    return Ok(());
-                }
-            };
-            let siginfo = match kind {
-                StopKind::Signal(_) => ptrace::get_siginfo(tid).ok(),
-                _ => None,
-            };
-            self.unstopped.retain(|t| *t != tid);
-            self.tracees.push(Tracee { tid, kind, siginfo });
-            return Ok(());
+            });
+            if let Some(e) = err {
+                return Err(e);
+            }
+            if pending.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let tid = pending[0];
+                let state = proc::Status::read_thread(self.pid, tid)
+                    .map(|s| s.state.to_string())
+                    .unwrap_or_else(|_| "?".into());
+                return Err(Error::StopTimeout {
+                    pid: self.pid,
+                    tid,
+                    millis: self.timeout.as_millis() as u64,
+                    state,
+                });
+            }
+            pass += 1;
+            if pass < 8 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(if pass < 100 { 20 } else { 500 }));
+            }
         }
+        Ok(())
+    }
+
+    /// Checks one seized thread: `Ok(true)` once it is stopped (recorded) or gone.
+    fn poll_stop(&mut self, tid: Pid) -> Result<bool> {
+        let Some(st) = ptrace::try_wait(tid)? else {
+            return Ok(false);
+        };
+        let kind = match st {
+            WaitStatus::Stopped { sig, event } if event == ptrace::EVENT_STOP => {
+                if sig == libc::SIGTRAP {
+                    StopKind::Interrupt
+                } else {
+                    StopKind::GroupStop(sig)
+                }
+            }
+            WaitStatus::Stopped { sig, event: 0 } => StopKind::Signal(sig),
+            WaitStatus::Stopped { .. } | WaitStatus::SyscallStop => {
+                // Not expected without options; resume it towards the interrupt stop.
+                ptrace::cont(tid, 0)?;
+                return Ok(false);
+            }
+            WaitStatus::Exited(_) | WaitStatus::Signaled(_) => {
+                self.unstopped.remove(&tid);
+                return Ok(true);
+            }
+        };
+        let siginfo = match kind {
+            StopKind::Signal(_) => ptrace::get_siginfo(tid).ok(),
+            _ => None,
+        };
+        self.unstopped.remove(&tid);
+        self.tracees.push(Tracee { tid, kind, siginfo });
+        Ok(true)
     }
 
     /// The target's pid.
