@@ -5,6 +5,7 @@
 
 mod demo;
 mod report;
+mod warden;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use coreflect::{DumpOptions, Mode, Options, Phase};
@@ -144,6 +145,11 @@ pub fn run_dump(a: &DumpArgs) -> i32 {
             return 1;
         }
     };
+    if pid as u32 == std::process::id() {
+        // The dump runs in a child process (the warden): check against this one too.
+        report::error(a.json, &coreflect::Error::SelfDump { pid });
+        return 1;
+    }
     let output = match &a.output {
         Some(p) => p.clone(),
         None => {
@@ -157,7 +163,10 @@ pub fn run_dump(a: &DumpArgs) -> i32 {
             PathBuf::from(coreflect::output::default_name(&comm, pid))
         }
     };
-    let cancel = cancel_flag();
+    warden::run_guarded(|cancel| dump_in_warden(a, pid, output, cancel))
+}
+
+fn dump_in_warden(a: &DumpArgs, pid: i32, output: PathBuf, cancel: Arc<AtomicBool>) -> i32 {
     let opts = DumpOptions {
         snapshot: Options {
             mode: match a.mode {

@@ -93,15 +93,34 @@ fn dump_paused_at(pid: i32, out: &Path, phase: &str) -> std::process::Child {
     c
 }
 
+/// Waits (at most 10 s) until the target is untraced and running: the warden process
+/// that outlives a killed coreflect finishes its cleanup first.
 fn wait_free(pid: i32) {
-    // Detaching after the tracer's death is immediate, but give the kernel a moment.
-    for _ in 0..100 {
+    for _ in 0..1000 {
         if std::panic::catch_unwind(|| assert_free(pid)).is_ok() {
             return;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_free(pid);
+}
+
+/// Waits until no `coreflect dump <pid>` process is left (the warden has finished).
+fn wait_no_dumper(pid: i32) {
+    let needle = format!("dump\0{pid}\0");
+    for _ in 0..1000 {
+        let running = std::fs::read_dir("/proc").unwrap().any(|e| {
+            let p = e.unwrap().path().join("cmdline");
+            std::fs::read(p)
+                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                .unwrap_or(false)
+        });
+        if !running {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("a coreflect process for {pid} is still running 10 s after its parent was killed");
 }
 
 fn child_states(pid: i32) -> Vec<char> {
@@ -124,6 +143,7 @@ fn killing_the_tool_at_any_phase_never_harms_the_target() {
         c.kill().unwrap();
         c.wait().unwrap();
         wait_free(t.pid);
+        wait_no_dumper(t.pid);
         assert!(t.ping(), "target stopped answering after a kill at {phase}");
         // The clone never runs: at most a zombie is left, reaped by the next dump.
         let mut states = child_states(t.pid);

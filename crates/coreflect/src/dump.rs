@@ -115,6 +115,14 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
     if let Some(w) = snap.finish() {
         warnings.push(w);
     }
+    if opts
+        .snapshot
+        .cancel
+        .as_ref()
+        .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst))
+    {
+        return Err(Error::Cancelled);
+    }
     let path = out.commit()?;
     Ok(DumpReport {
         pid,

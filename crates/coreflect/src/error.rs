@@ -154,6 +154,20 @@ pub enum Error {
         /// The caller's limit in milliseconds.
         limit_ms: f64,
     },
+    /// Another coreflect holds the target (it is stopping it, or dumping it in suspend mode).
+    #[error("pid {pid} is already being dumped by another coreflect (waited {waited_ms} ms for it); try again when it is done")]
+    Busy {
+        /// The target.
+        pid: Pid,
+        /// How long we waited.
+        waited_ms: u64,
+    },
+    /// The target is not dumpable and we lack the privilege to dump it anyway.
+    #[error("pid {pid} is not dumpable (a set-user-ID/set-group-ID program, or one that called prctl(PR_SET_DUMPABLE, 0)): only root or a process with CAP_SYS_PTRACE may dump it")]
+    NotDumpable {
+        /// The target.
+        pid: Pid,
+    },
     /// The operation was cancelled (Ctrl-C, SIGTERM, or the caller's flag).
     #[error("cancelled: the target was released and no file was left")]
     Cancelled,

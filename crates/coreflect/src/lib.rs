@@ -29,6 +29,7 @@ pub mod dump;
 pub mod elf;
 pub mod error;
 pub mod inject;
+pub mod lock;
 pub mod output;
 pub mod proc;
 pub mod ptrace;

@@ -15,6 +15,7 @@ use crate::elf::notes::{self, NoteInput};
 use crate::elf::writer::{self, MemoryReader, Progress, SegmentPlan, Sink, Source, WriteStats};
 use crate::error::{Error, Pid, Result};
 use crate::inject;
+use crate::lock::TargetLock;
 use crate::proc::{self, mem::Pagemap, Mapping, MappingKind, ProcMem, ProcessInfo, ThreadTimes};
 use crate::ptrace::{self, WaitStatus};
 use crate::select::{Extent, RegionPolicy};
@@ -154,8 +155,8 @@ const CLONE_FILES: u64 = 0x400;
 #[derive(Debug)]
 struct CloneGuard {
     target: Pid,
+    target_start: u64,
     clone: Pid,
-    insn: u64,
     options: u32,
     hook: Option<PhaseHookDebug>,
 }
@@ -188,10 +189,26 @@ impl CloneGuard {
         if let Some(h) = &self.hook {
             (h.0)(Phase::Reaping)
         }
+        // The target may have exec'd meanwhile: find the syscall instruction afresh.
+        let insn = proc::maps::read_maps(self.target).ok().and_then(|m| {
+            let mem = ProcMem::open(self.target).ok()?;
+            inject::find_syscall_in_vdso(&m, &mem)
+        });
+        let Some(insn) = insn else {
+            return match proc::Stat::read(self.target) {
+                Ok(_) => Some(format!(
+                    "the clone {clone}'s zombie was left in pid {} (no [vdso] to borrow a syscall from now); the next dump reaps it",
+                    self.target
+                )),
+                Err(_) => None,
+            };
+        };
+        let _lock =
+            TargetLock::acquire(self.target, self.target_start, Duration::from_secs(10)).ok();
         match inject::reap_in_target(
             self.target,
             &[clone],
-            self.insn,
+            insn,
             self.options,
             Duration::from_secs(2),
         ) {
@@ -234,6 +251,7 @@ pub struct Snapshot {
     target_mem: ProcMem,
     clone: Option<CloneGuard>,
     stopped: Option<StoppedProcess>,
+    _lock: Option<TargetLock>,
     stopped_at: Instant,
     pause: PauseBreakdown,
     warnings: Vec<String>,
@@ -275,15 +293,38 @@ pub fn preflight(pid: Pid) -> Result<ProcessInfo> {
         });
     }
     if status.tracer_pid != 0 {
-        return Err(Error::AlreadyTraced {
-            pid,
-            tracer: status.tracer_pid,
-            tracer_comm: proc::Stat::read(status.tracer_pid)
-                .map(|s| s.comm)
-                .unwrap_or_default(),
-        });
+        let tracer_comm = proc::Stat::read(status.tracer_pid)
+            .map(|s| s.comm)
+            .unwrap_or_default();
+        // Another coreflect in its pause: the target lock serializes us behind it.
+        if tracer_comm != "coreflect" {
+            return Err(Error::AlreadyTraced {
+                pid,
+                tracer: status.tracer_pid,
+                tracer_comm,
+            });
+        }
     }
+    check_dumpable(pid, &status)?;
     ProcessInfo::read(pid)
+}
+
+/// Refuses a non-dumpable target (set-uid, or `PR_SET_DUMPABLE` 0) when we lack
+/// CAP_SYS_PTRACE: the kernel then hands its /proc files to root, whatever its user.
+fn check_dumpable(pid: Pid, status: &proc::Status) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    const CAP_SYS_PTRACE: u64 = 1 << 19;
+    let me = proc::Status::read(std::process::id() as Pid).unwrap_or_default();
+    if me.cap_eff & CAP_SYS_PTRACE != 0 {
+        return Ok(());
+    }
+    let owner = std::fs::metadata(format!("/proc/{pid}"))
+        .map(|m| m.uid())
+        .unwrap_or(status.uid);
+    if owner == 0 && status.uid != 0 && status.uid == me.uid {
+        return Err(Error::NotDumpable { pid });
+    }
+    Ok(())
 }
 
 /// Why reflection cannot be used for this target, if it cannot; else the extra ptrace
@@ -340,6 +381,13 @@ impl Snapshot {
     /// Takes a snapshot of process `pid`.
     pub fn capture(pid: Pid, opts: &Options) -> Result<Snapshot> {
         let process = preflight(pid)?;
+        // One coreflect at a time stops a given target; the lock is held until the target
+        // is released (reflect) or the snapshot dropped (suspend).
+        let lock = TargetLock::acquire(pid, process.stat.start_time, Duration::from_secs(10))?;
+        let process = match proc::Status::read(pid)?.tracer_pid {
+            0 => process,
+            _ => preflight(pid)?,
+        };
         let mut warnings = Vec::new();
         let target_maps = proc::maps::read_smaps(pid)?;
         let target_mem = ProcMem::open(pid)?;
@@ -406,6 +454,7 @@ impl Snapshot {
         opts.phase(Phase::Stopped);
 
         let mut clone = None;
+        let mut clone_insn = 0;
         if mode != Mode::Suspend {
             let insn = vdso_insn.or_else(|| inject::find_syscall_behind(&threads, &target_mem));
             let chosen = inject::choose_thread(&threads);
@@ -425,10 +474,11 @@ impl Snapshot {
             match attempt {
                 Ok(c) => {
                     pause.total_us = us(t0.elapsed());
+                    clone_insn = insn.unwrap_or(0);
                     clone = Some(CloneGuard {
                         target: pid,
+                        target_start: process.stat.start_time,
                         clone: c,
-                        insn: insn.unwrap_or(0),
                         options: extra_opts,
                         hook: opts.hook.clone().map(PhaseHookDebug),
                     });
@@ -444,16 +494,17 @@ impl Snapshot {
         // ---- the pause ends (reflect mode) ----
         drop(boost);
 
-        let (image_pid, stopped) = match &clone {
+        let (image_pid, stopped, lock) = match &clone {
             Some(c) => {
+                drop(lock);
                 mode = Mode::Reflect;
-                setup_clone(c.clone, c.insn)?;
+                setup_clone(c.clone, clone_insn)?;
                 opts.phase(Phase::Released);
-                (c.clone, None)
+                (c.clone, None, None)
             }
             None => {
                 mode = Mode::Suspend;
-                (pid, Some(stopped))
+                (pid, Some(stopped), Some(lock))
             }
         };
         let times = threads
@@ -480,6 +531,7 @@ impl Snapshot {
             target_mem,
             clone,
             stopped,
+            _lock: lock,
             stopped_at: t0,
             pause,
             warnings,

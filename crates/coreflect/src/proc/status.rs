@@ -119,6 +119,9 @@ pub struct Stat {
     pub nice: i64,
     /// The signal sent to the parent when this task exits (field 38).
     pub exit_signal: i32,
+    /// Start time in clock ticks after boot (field 22): with the pid, it names a process
+    /// uniquely.
+    pub start_time: u64,
 }
 
 /// `PF_KTHREAD`: the task is a kernel thread.
@@ -167,6 +170,7 @@ impl Stat {
             cstime: n(17) as u64,
             nice: n(19),
             exit_signal: n(38) as i32,
+            start_time: n(22) as u64,
         })
     }
 

@@ -1,0 +1,68 @@
+//! The warden: the dump runs in a child process of its own process group, so that killing
+//! `coreflect` — even with SIGKILL, even its whole process group — never interrupts the
+//! millisecond window in which a target thread runs an injected syscall. The child sees
+//! its parent die (`PR_SET_PDEATHSIG`), treats it as a cancel at the next safe point:
+//! releases the target, kills and reaps the clone, and leaves no file.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Runs `work` in the warden and returns its exit code. `work` gets the cancel flag, set
+/// by SIGINT/SIGTERM/SIGHUP or by the death of this process. If the warden cannot be
+/// forked, `work` runs here.
+pub fn run_guarded(work: impl FnOnce(Arc<AtomicBool>) -> i32) -> i32 {
+    let parent = unsafe { libc::getpid() };
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return work(crate::cancel_flag());
+    }
+    if child == 0 {
+        unsafe {
+            libc::setpgid(0, 0);
+        }
+        let cancel = crate::cancel_flag();
+        unsafe {
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGTERM as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
+        }
+        if unsafe { libc::getppid() } != parent {
+            cancel.store(true, Ordering::SeqCst);
+        }
+        let code = work(cancel);
+        std::process::exit(code);
+    }
+    // The parent: forward cancellation, relay the exit code.
+    let cancel = crate::cancel_flag();
+    let mut forwarded = false;
+    loop {
+        let mut status = 0;
+        let r = unsafe { libc::waitpid(child, &mut status, libc::WNOHANG) };
+        if r == child {
+            if libc::WIFEXITED(status) {
+                return libc::WEXITSTATUS(status);
+            }
+            if libc::WIFSIGNALED(status) {
+                eprintln!(
+                    "coreflect: error: the dump process was killed by signal {}",
+                    libc::WTERMSIG(status)
+                );
+                return 128 + libc::WTERMSIG(status);
+            }
+            continue;
+        }
+        if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return 1;
+        }
+        if !forwarded && cancel.load(Ordering::SeqCst) {
+            unsafe { libc::kill(child, libc::SIGTERM) };
+            forwarded = true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
