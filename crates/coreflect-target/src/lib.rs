@@ -52,6 +52,18 @@ pub struct TargetOptions {
     pub extra_threads: usize,
     /// Run a heartbeat thread that measures how long the process is stopped.
     pub heartbeat: bool,
+    /// Create and end short-lived threads in a tight loop.
+    pub churn_threads: bool,
+    /// mmap/mprotect/munmap in a tight loop.
+    pub churn_maps: bool,
+    /// fork children that exit at once, and reap them, in a loop.
+    pub fork_loop: bool,
+    /// Exit on its own after this many ms (0: never).
+    pub exit_after_ms: u64,
+    /// exec `sleep 30` after this many ms (0: never).
+    pub exec_after_ms: u64,
+    /// Call prctl(PR_SET_DUMPABLE, 0).
+    pub non_dumpable: bool,
 }
 
 impl Default for TargetOptions {
@@ -66,6 +78,12 @@ impl Default for TargetOptions {
             thp: false,
             extra_threads: 0,
             heartbeat: false,
+            churn_threads: false,
+            churn_maps: false,
+            fork_loop: false,
+            exit_after_ms: 0,
+            exec_after_ms: 0,
+            non_dumpable: false,
         }
     }
 }
@@ -91,6 +109,12 @@ impl TargetOptions {
                 "--seccomp-kill-clone" => o.seccomp_kill_clone = true,
                 "--thp" => o.thp = true,
                 "--heartbeat" => o.heartbeat = true,
+                "--churn-threads" => o.churn_threads = true,
+                "--churn-maps" => o.churn_maps = true,
+                "--fork-loop" => o.fork_loop = true,
+                "--non-dumpable" => o.non_dumpable = true,
+                "--exit-after-ms" => o.exit_after_ms = num(a)? as u64,
+                "--exec-after-ms" => o.exec_after_ms = num(a)? as u64,
                 other => return Err(format!("unknown option {other}")),
             }
         }
@@ -272,6 +296,50 @@ pub fn seq_writer(base: usize, pages: usize, stride: usize) {
     }
 }
 
+/// Starts and joins short-lived threads as fast as it can.
+#[inline(never)]
+pub fn thread_churner() {
+    while !QUIT.load(Relaxed) {
+        let hs: Vec<_> = (0..4)
+            .map(|_| std::thread::spawn(|| std::hint::black_box(1 + 1)))
+            .collect();
+        for h in hs {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Maps, protects and unmaps memory as fast as it can.
+#[inline(never)]
+pub fn map_churner() {
+    let mut n = 0usize;
+    while !QUIT.load(Relaxed) {
+        let len = 4096 * (1 + n % 64);
+        let p = mmap_anon(len);
+        unsafe {
+            *(p as *mut u8) = 1;
+            libc::mprotect(p as *mut _, len, libc::PROT_READ);
+            libc::munmap(p as *mut _, len);
+        }
+        n += 1;
+    }
+}
+
+/// Forks children that exit at once, and reaps each by its pid.
+#[inline(never)]
+pub fn fork_looper() {
+    while !QUIT.load(Relaxed) {
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            unsafe { libc::_exit(0) };
+        }
+        if pid > 0 {
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Parks forever (an idle extra thread).
 #[inline(never)]
 pub fn idle_worker() {
@@ -417,6 +485,41 @@ pub fn run(o: TargetOptions) -> ! {
     }
     for i in 0..o.extra_threads {
         hs.push(spawn(&format!("idle{i}"), Box::new(idle_worker)));
+    }
+    if o.churn_threads {
+        hs.push(spawn("churn-threads", Box::new(thread_churner)));
+    }
+    if o.churn_maps {
+        hs.push(spawn("churn-maps", Box::new(map_churner)));
+    }
+    if o.fork_loop {
+        hs.push(spawn("fork-loop", Box::new(fork_looper)));
+    }
+    if o.exit_after_ms > 0 {
+        let ms = o.exit_after_ms;
+        spawn(
+            "exit-later",
+            Box::new(move || {
+                std::thread::sleep(Duration::from_millis(ms));
+                std::process::exit(0)
+            }),
+        );
+    }
+    if o.exec_after_ms > 0 {
+        let ms = o.exec_after_ms;
+        spawn(
+            "exec-later",
+            Box::new(move || {
+                std::thread::sleep(Duration::from_millis(ms));
+                let e = std::os::unix::process::CommandExt::exec(
+                    std::process::Command::new("sleep").arg("30"),
+                );
+                panic!("exec sleep: {e}")
+            }),
+        );
+    }
+    if o.non_dumpable {
+        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     }
     if o.seccomp_kill_clone {
         install_seccomp_kill_clone();

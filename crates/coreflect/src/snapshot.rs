@@ -318,10 +318,16 @@ fn check_dumpable(pid: Pid, status: &proc::Status) -> Result<()> {
     if me.cap_eff & CAP_SYS_PTRACE != 0 {
         return Ok(());
     }
+    if status.uid == 0 || status.uid != me.uid {
+        return Ok(()); // another user's process: ptrace itself says no, with its own hint
+    }
     let owner = std::fs::metadata(format!("/proc/{pid}"))
         .map(|m| m.uid())
         .unwrap_or(status.uid);
-    if owner == 0 && status.uid != 0 && status.uid == me.uid {
+    // Our own user's process whose private /proc files we may not open: not dumpable.
+    let refused = std::fs::File::open(format!("/proc/{pid}/auxv"))
+        .is_err_and(|e| matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)));
+    if owner == 0 || refused {
         return Err(Error::NotDumpable { pid });
     }
     Ok(())

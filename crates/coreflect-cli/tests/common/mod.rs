@@ -160,8 +160,9 @@ pub fn status_field(pid: i32, key: &str) -> String {
 pub fn assert_free(pid: i32) {
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let tid = t.unwrap().file_name().to_string_lossy().to_string();
-        let s =
-            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
+        let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) else {
+            continue; // the thread has just exited
+        };
         let get = |k: &str| {
             s.lines()
                 .find_map(|l| l.strip_prefix(k))
