@@ -300,7 +300,7 @@ fn soak_many_snapshots_leak_nothing() {
     let mut t = Target::spawn(&["--heap-mib", "4"]);
     let tp = t.pid.to_string();
     let policy = coreflect::select::KernelPolicy::default();
-    let mut one = |i: usize| {
+    let one = |i: usize| {
         let snap = coreflect::Snapshot::capture(t.pid, &coreflect::Options::default())
             .unwrap_or_else(|e| panic!("snapshot {i}: {e}"));
         assert_eq!(snap.mode(), coreflect::Mode::Reflect);
