@@ -86,12 +86,13 @@ pub fn success(json: bool, r: &DumpReport) {
     if r.mode == coreflect::Mode::Reflect {
         let _ = writeln!(
             e,
-            "  target paused {} (stop {}, capture {}, clone {}, release {})",
+            "  target paused {} (stop {}, capture {}, clone {}, release {}; estimated {})",
             ms(p.total_us),
             ms(p.stop_us),
             ms(p.capture_us),
             ms(p.clone_us),
-            ms(p.release_us)
+            ms(p.release_us),
+            ms(p.estimate_us)
         );
     } else {
         let _ = writeln!(
