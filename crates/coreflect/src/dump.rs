@@ -59,7 +59,7 @@ pub struct DumpReport {
 pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result<DumpReport> {
     let t0 = Instant::now();
     let out = OutputFile::create(&opts.output, opts.overwrite)?;
-    let snap = Snapshot::capture(pid, &opts.snapshot)?;
+    let mut snap = Snapshot::capture(pid, &opts.snapshot)?;
     let policy = KernelPolicy {
         filter: opts.filter.unwrap_or(snap.process().coredump_filter),
     };
@@ -112,9 +112,8 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
         ));
     }
     let pause = snap.pause();
-    if let Some(w) = snap.finish() {
-        warnings.push(w);
-    }
+    // The image is written: let the clone's teardown run while the file gets its name.
+    snap.release_image();
     if opts
         .snapshot
         .cancel
@@ -123,7 +122,11 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
     {
         return Err(Error::Cancelled);
     }
-    let path = out.commit()?;
+    let path = out.commit();
+    if let Some(w) = snap.finish() {
+        warnings.push(w);
+    }
+    let path = path?;
     Ok(DumpReport {
         pid,
         path,

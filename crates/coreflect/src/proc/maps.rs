@@ -47,6 +47,8 @@ pub struct Mapping {
     pub rss_kb: u64,
     /// `Swap:` in KiB (only from smaps).
     pub swap_kb: u64,
+    /// `AnonHugePages:` in KiB (only from smaps).
+    pub anon_huge_kb: u64,
 }
 
 impl Mapping {
@@ -109,6 +111,7 @@ impl Mapping {
             anonymous_kb: 0,
             rss_kb: 0,
             swap_kb: 0,
+            anon_huge_kb: 0,
         })
     }
 }
@@ -161,6 +164,8 @@ pub fn parse_smaps(text: &str) -> Option<Vec<Mapping>> {
             cur.rss_kb = kb(v);
         } else if let Some(v) = line.strip_prefix("Swap:") {
             cur.swap_kb = kb(v);
+        } else if let Some(v) = line.strip_prefix("AnonHugePages:") {
+            cur.anon_huge_kb = kb(v);
         }
     }
     Some(out)
