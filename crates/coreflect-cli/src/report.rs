@@ -86,12 +86,12 @@ pub fn success(json: bool, r: &DumpReport) {
     if r.mode == coreflect::Mode::Reflect {
         let _ = writeln!(
             e,
-            "  target paused {} (stop {}, capture {}, clone {}, release {}; estimated {})",
+            "  target paused {} (stop {}, clone {}, release {}; registers read during the clone in {}; estimated {})",
             ms(p.total_us),
             ms(p.stop_us),
-            ms(p.capture_us),
             ms(p.clone_us),
             ms(p.release_us),
+            ms(p.capture_us),
             ms(p.estimate_us)
         );
     } else {

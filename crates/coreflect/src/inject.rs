@@ -71,7 +71,9 @@ pub struct Injected {
 
 /// Runs syscall `nr(args)` on stopped thread `tid` (saved state `saved`, `saved_mask`) using
 /// the `syscall` instruction at `insn`, with extra ptrace `options` for the duration.
-/// `on_child` runs at a clone/fork event, while the thread is still inside the syscall.
+/// `on_child` runs at a clone/fork event, while the thread is still inside the syscall;
+/// `during` runs once while the thread executes the syscall (to overlap other work with a
+/// long syscall such as `clone`).
 ///
 /// On return (success or error) the thread's registers, signal mask and options are restored
 /// as far as the thread still exists; the caller detaches it.
@@ -86,6 +88,7 @@ pub fn inject_syscall(
     options: u32,
     timeout: Duration,
     on_child: &mut dyn FnMut(Pid) -> Result<()>,
+    during: &mut dyn FnMut() -> Result<()>,
 ) -> Result<Injected> {
     ptrace::set_sigmask(tid, !0)?;
     let res = (|| {
@@ -101,7 +104,7 @@ pub fn inject_syscall(
         r.0.r8 = args[4];
         r.0.r9 = args[5];
         ptrace::set_regs(tid, &r)?;
-        drive(tid, Instant::now() + timeout, on_child)
+        drive(tid, Instant::now() + timeout, on_child, during)
     })();
     let restore = arch::restarted(saved).unwrap_or(*saved);
     let r1 = ptrace::set_regs(tid, &restore);
@@ -118,9 +121,11 @@ fn drive(
     tid: Pid,
     deadline: Instant,
     on_child: &mut dyn FnMut(Pid) -> Result<()>,
+    during: &mut dyn FnMut() -> Result<()>,
 ) -> Result<Injected> {
     let mut child = None;
     let mut entered = false;
+    let mut during_result = None;
     ptrace::syscall(tid)?;
     loop {
         let st = ptrace::wait_until(tid, deadline)?.ok_or_else(|| {
@@ -145,8 +150,13 @@ fn drive(
             }
         }
         ptrace::syscall(tid)?;
+        if entered && during_result.is_none() {
+            // The thread is now inside the syscall: overlap the caller's work with it.
+            during_result = Some(during());
+        }
     }
     let ret = ptrace::get_regs(tid)?.ret();
+    during_result.unwrap_or(Ok(()))?;
     Ok(Injected { ret, child })
 }
 
@@ -195,6 +205,7 @@ pub fn reap_in_target(
                     options,
                     timeout,
                     &mut |_| Ok(()),
+                    &mut || Ok(()),
                 )?;
                 if r.ret == z as i64 {
                     reaped += 1;

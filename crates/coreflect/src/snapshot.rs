@@ -131,9 +131,11 @@ impl Options {
 pub struct PauseBreakdown {
     /// Seizing and stopping every thread.
     pub stop_us: u64,
-    /// Reading registers, XSTATE and signal masks.
+    /// Reading registers and XSTATE. In reflect mode this overlaps the clone syscall and
+    /// is not part of the total.
     pub capture_us: u64,
-    /// The injected clone syscall, until its `PTRACE_EVENT_CLONE`.
+    /// From the last stop to the clone's `PTRACE_EVENT_CLONE` (choosing the thread, the
+    /// injected syscall).
     pub clone_us: u64,
     /// Restoring and releasing the injection thread, then every other thread.
     pub release_us: u64,
@@ -459,15 +461,24 @@ impl Snapshot {
         // Everyone is stopped: from here on nothing of the target needs a CPU until it is
         // released, so the tracer may hold one.
         let boost = PauseBoost::new();
-        let threads = stopped.capture(&mut xbuf)?;
-        pause.capture_us = us(t0.elapsed()) - pause.stop_us;
         opts.phase(Phase::Stopped);
 
         let mut clone = None;
         let mut clone_insn = 0;
+        let mut threads = None;
         if mode != Mode::Suspend {
-            let insn = vdso_insn.or_else(|| inject::find_syscall_behind(&threads, &target_mem));
-            let chosen = inject::choose_thread(&threads);
+            let mut all = None;
+            let insn = match vdso_insn {
+                Some(i) => Some(i),
+                None => {
+                    // No vDSO: borrow the instruction a blocked thread sits behind.
+                    let t = stopped.capture(&mut xbuf)?;
+                    let i = inject::find_syscall_behind(&t, &target_mem);
+                    all = Some(t);
+                    i
+                }
+            };
+            let chosen = pick_thread(&stopped, &mut xbuf)?;
             let attempt = match (insn, chosen) {
                 (None, _) => Err(Error::ReflectUnavailable {
                     pid,
@@ -477,14 +488,15 @@ impl Snapshot {
                     pid,
                     reason: "no thread can safely run the injected clone (all are delivering signals, group-stopped, or in mask-swapping syscalls)".into(),
                 }),
-                (Some(insn), Some(i)) => {
-                    reflect(&mut stopped, &threads[i], insn, extra_opts, t0, &mut pause)
+                (Some(insn), Some(t)) => {
+                    reflect(&mut stopped, t, insn, extra_opts, t0, &mut pause, &mut xbuf)
                 }
             };
             match attempt {
-                Ok(c) => {
+                Ok((c, captured)) => {
                     pause.total_us = us(t0.elapsed());
                     clone_insn = insn.unwrap_or(0);
+                    threads = Some(captured);
                     clone = Some(CloneGuard {
                         target: pid,
                         target_start: process.stat.start_time,
@@ -497,10 +509,20 @@ impl Snapshot {
                     if mode == Mode::Auto && !stopped.tracees().is_empty() =>
                 {
                     warnings.push(format!("{e}: dumped in suspend mode instead"));
+                    threads = all;
                 }
                 Err(e) => return Err(e),
             }
         }
+        let threads = match threads {
+            Some(t) => t,
+            None => {
+                let t1 = Instant::now();
+                let t = stopped.capture(&mut xbuf)?;
+                pause.capture_us = us(t1.elapsed());
+                t
+            }
+        };
         // ---- the pause ends (reflect mode) ----
         drop(boost);
 
@@ -700,49 +722,95 @@ impl MemoryReader for Snapshot {
 // reading methods only `pread` files.
 unsafe impl Sync for Snapshot {}
 
-/// Injects the clone into thread `t`, then releases it and every other thread.
-/// Returns the clone's pid.
+/// Picks the thread to borrow for the injection and captures its state: the first one
+/// interrupted in user mode among the first 64 threads, else the first one eligible at all
+/// (in a restartable syscall). Only the candidates' registers are read here; the others
+/// are captured while the clone runs.
+fn pick_thread(stopped: &StoppedProcess, xbuf: &mut [u8]) -> Result<Option<ThreadState>> {
+    let mut fallback = None;
+    for (i, t) in stopped.tracees().iter().enumerate() {
+        if t.kind != crate::stop::StopKind::Interrupt {
+            continue;
+        }
+        let regs = ptrace::get_regs(t.tid)?;
+        if !inject::eligible(t.kind, &regs) {
+            continue;
+        }
+        if regs.syscall_nr().is_none() {
+            return crate::stop::capture_thread(t, xbuf).map(Some);
+        }
+        fallback.get_or_insert(t.tid);
+        if i >= 64 && fallback.is_some() {
+            break;
+        }
+    }
+    match fallback.and_then(|tid| stopped.tracee(tid)) {
+        Some(t) => crate::stop::capture_thread(t, xbuf).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Injects the clone into thread `t` (captured), capturing every other thread while the
+/// clone syscall runs, then releases `t` and every other thread. Returns the clone's pid
+/// and every thread's state, main thread first.
 fn reflect(
     stopped: &mut StoppedProcess,
-    t: &ThreadState,
+    t: ThreadState,
     insn: u64,
     extra_opts: u32,
     t0: Instant,
     pause: &mut PauseBreakdown,
-) -> Result<Pid> {
+    xbuf: &mut [u8],
+) -> Result<(Pid, Vec<ThreadState>)> {
     let tid = t.tid;
     let sigmask = ptrace::get_sigmask(tid)?;
     let tracee = stopped.forget(tid).expect("chosen thread is stopped");
     let mut clone_at = 0;
+    let mut others = None;
+    let mut capture_us = 0;
     let options = ptrace::O_TRACECLONE | ptrace::O_EXITKILL | extra_opts;
-    let r = inject::inject_syscall(
-        tid,
-        &t.regs,
-        sigmask,
-        insn,
-        arch::SYS_CLONE,
-        [CLONE_FILES, 0, 0, 0, 0, 0],
-        options,
-        Duration::from_secs(60),
-        &mut |_child| {
-            // The clone's memory is fixed. The borrowed thread is finished and released
-            // first, while the others still hold still, so it never waits for a CPU
-            // behind them.
-            clone_at = us(t0.elapsed());
-            Ok(())
-        },
-    );
+    let r = {
+        let held: &StoppedProcess = stopped;
+        inject::inject_syscall(
+            tid,
+            &t.regs,
+            sigmask,
+            insn,
+            arch::SYS_CLONE,
+            [CLONE_FILES, 0, 0, 0, 0, 0],
+            options,
+            Duration::from_secs(60),
+            &mut |_child| {
+                clone_at = us(t0.elapsed());
+                Ok(())
+            },
+            &mut || {
+                // The other threads hold still while the kernel copies the address space:
+                // read their registers now instead of before.
+                let t1 = Instant::now();
+                others = Some(held.capture(xbuf)?);
+                capture_us = us(t1.elapsed());
+                Ok(())
+            },
+        )
+    };
+    pause.capture_us = capture_us;
     match r {
         Ok(inject::Injected {
             ret,
             child: Some(c),
         }) if ret == c as i64 => {
+            // The clone's memory is fixed. The borrowed thread is released first, while the
+            // others still hold still, so it never waits for a CPU behind them.
             let r = crate::stop::detach_tracee(&tracee);
             stopped.release_all();
             r?;
-            pause.clone_us = clone_at - pause.stop_us - pause.capture_us;
+            pause.clone_us = clone_at - pause.stop_us;
             pause.release_us = us(t0.elapsed()) - clone_at;
-            Ok(c)
+            let mut all = others.unwrap_or_default();
+            all.push(t);
+            all.sort_by_key(|x| (x.tid != stopped.pid(), x.tid));
+            Ok((c, all))
         }
         other => {
             if let Ok(inject::Injected { child: Some(c), .. }) = other {

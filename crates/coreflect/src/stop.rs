@@ -237,34 +237,15 @@ impl StoppedProcess {
     /// signal masks are read from /proc after the pause). `xbuf` is a
     /// scratch buffer at least as large as the CPU's XSAVE area.
     pub fn capture(&self, xbuf: &mut [u8]) -> Result<Vec<ThreadState>> {
-        let mut out = Vec::with_capacity(self.tracees.len());
-        for t in &self.tracees {
-            let regs = ptrace::get_regs(t.tid)?;
-            let n = ptrace::get_regset(t.tid, ptrace::NT_X86_XSTATE, xbuf)?;
-            let xstate = xbuf[..n].to_vec();
-            // The fxsave area is the first 512 bytes of the XSAVE area; ask the kernel only
-            // when XSTATE is not available.
-            let fpregs = if n >= 512 {
-                let mut f = xstate[..512].to_vec();
-                f[464..].fill(0); // software-reserved bytes belong to XSTATE only
-                f
-            } else {
-                let mut f = vec![0u8; 512];
-                let m = ptrace::get_regset(t.tid, ptrace::NT_PRFPREG, &mut f)?;
-                f.truncate(m);
-                f
-            };
-            out.push(ThreadState {
-                tid: t.tid,
-                regs,
-                fpregs,
-                xstate,
-                sigmask: 0,
-                kind: t.kind,
-                siginfo: t.siginfo,
-            });
-        }
-        Ok(out)
+        self.tracees
+            .iter()
+            .map(|t| capture_thread(t, xbuf))
+            .collect()
+    }
+
+    /// The stopped thread `tid`, if held.
+    pub fn tracee(&self, tid: Pid) -> Option<&Tracee> {
+        self.tracees.iter().find(|t| t.tid == tid)
     }
 
     /// Releases one thread (re-delivering its intercepted signal) and forgets it.
@@ -302,6 +283,34 @@ impl StoppedProcess {
             }
         }
     }
+}
+
+/// Captures registers and FP/XSTATE of one stopped thread.
+pub fn capture_thread(t: &Tracee, xbuf: &mut [u8]) -> Result<ThreadState> {
+    let regs = ptrace::get_regs(t.tid)?;
+    let n = ptrace::get_regset(t.tid, ptrace::NT_X86_XSTATE, xbuf)?;
+    let xstate = xbuf[..n].to_vec();
+    // The fxsave area is the first 512 bytes of the XSAVE area; ask the kernel only when
+    // XSTATE is not available.
+    let fpregs = if n >= 512 {
+        let mut f = xstate[..512].to_vec();
+        f[464..].fill(0); // software-reserved bytes belong to XSTATE only
+        f
+    } else {
+        let mut f = vec![0u8; 512];
+        let m = ptrace::get_regset(t.tid, ptrace::NT_PRFPREG, &mut f)?;
+        f.truncate(m);
+        f
+    };
+    Ok(ThreadState {
+        tid: t.tid,
+        regs,
+        fpregs,
+        xstate,
+        sigmask: 0,
+        kind: t.kind,
+        siginfo: t.siginfo,
+    })
 }
 
 /// Detaches a tracee, re-delivering the signal it was stopped on.
