@@ -381,15 +381,15 @@ fn scenarios(a: &Args) -> Vec<Scenario> {
             methods: vec![Reflect],
         });
         v.push(Scenario {
-            label: "sparse B: 16 GiB reserved, 1 page in 64 touched".into(),
+            label: "sparse B: 16 GiB reserved, first 256 MiB touched".into(),
             kind: Kind::SparseSparse,
             target_args: [
                 "--heap-mib",
                 "1",
                 "--sparse-reserve-mib",
                 "16384",
-                "--sparse-touch-every",
-                "64",
+                "--sparse-touch-mib",
+                "256",
             ]
             .map(String::from)
             .to_vec(),

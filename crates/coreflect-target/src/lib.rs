@@ -44,8 +44,10 @@ pub struct TargetOptions {
     pub seccomp_kill_clone: bool,
     /// Reserve this many MiB of anonymous memory...
     pub sparse_reserve_mib: usize,
-    /// ...and touch one page in every this many (0: touch none).
+    /// ...and touch one page in every this many (0: touch none)...
     pub sparse_touch_every: usize,
+    /// ...or every page of its first this many MiB.
+    pub sparse_touch_mib: usize,
     /// Use transparent huge pages for the pattern buffer.
     pub thp: bool,
     /// Extra idle threads (to test many-thread targets).
@@ -75,6 +77,7 @@ impl Default for TargetOptions {
             seccomp_kill_clone: false,
             sparse_reserve_mib: 0,
             sparse_touch_every: 0,
+            sparse_touch_mib: 0,
             thp: false,
             extra_threads: 0,
             heartbeat: false,
@@ -105,6 +108,7 @@ impl TargetOptions {
                 "--wipeonfork-kib" => o.wipeonfork_kib = num(a)?,
                 "--sparse-reserve-mib" => o.sparse_reserve_mib = num(a)?,
                 "--sparse-touch-every" => o.sparse_touch_every = num(a)?,
+                "--sparse-touch-mib" => o.sparse_touch_mib = num(a)?,
                 "--extra-threads" => o.extra_threads = num(a)?,
                 "--seccomp-kill-clone" => o.seccomp_kill_clone = true,
                 "--thp" => o.thp = true,
@@ -436,13 +440,18 @@ pub fn run(o: TargetOptions) -> ! {
     if o.sparse_reserve_mib > 0 {
         let n = o.sparse_reserve_mib << 20;
         let p = mmap_anon(n);
+        let page = 4096;
         if o.sparse_touch_every > 0 {
-            let page = 4096;
             let mut off = 0;
             while off < n {
                 unsafe { *((p + off) as *mut u64) = (off as u64) | 1 };
                 off += page * o.sparse_touch_every;
             }
+        }
+        let mut off = 0;
+        while off < (o.sparse_touch_mib << 20).min(n) {
+            unsafe { *((p + off) as *mut u64) = (off as u64) | 1 };
+            off += page;
         }
         extra += &format!(" sparse_addr={p:#x} sparse_len={n}");
     }
