@@ -10,7 +10,8 @@
 //! seq_pages=.. seq_stride=.. [wof_addr=0x.. wof_len=..] [sparse_addr=0x.. sparse_len=..]`.
 //! It then reads commands on stdin: `quit` prints `STATS key=value ...` and exits 0;
 //! `ping` prints `PONG`; `gapreset`/`gap` reset and print (`GAP us=N`) the longest stop
-//! the heartbeat thread (`--heartbeat`) saw; `fork` times a bare `fork()` (`FORK us=N`).
+//! the heartbeat thread (`--heartbeat`) saw, `gaps` every stop of 300 µs or more
+//! (`GAPS start:end,...` in CLOCK_MONOTONIC ns); `fork` times a bare `fork()` (`FORK us=N`).
 //! End of stdin also quits.
 
 use std::io::{BufRead, Write};
@@ -151,14 +152,34 @@ static MAX_GAP_US: AtomicU64 = AtomicU64::new(0);
 /// was stopped, as its own threads see it.
 #[inline(never)]
 pub fn heartbeat_worker() {
-    let mut last = Instant::now();
+    let mut last = monotonic_ns();
     while !QUIT.load(Relaxed) {
         std::thread::sleep(Duration::from_micros(50));
-        let now = Instant::now();
-        let gap = now.duration_since(last).as_micros() as u64;
+        let now = monotonic_ns();
+        let gap = (now - last) / 1000;
         MAX_GAP_US.fetch_max(gap, Relaxed);
+        if gap >= 300 {
+            let mut g = GAPS.lock().unwrap();
+            if g.len() < 100_000 {
+                g.push((last, now));
+            }
+        }
         last = now;
     }
+}
+
+/// Every gap of 300 µs or more the heartbeat saw since the last reset, as
+/// (start, end) in CLOCK_MONOTONIC nanoseconds.
+static GAPS: Mutex<Vec<(u64, u64)>> = Mutex::new(Vec::new());
+
+/// CLOCK_MONOTONIC in nanoseconds (the clock coreflect reports its pause in).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Forks; the child exits at once. Returns how long `fork()` took in the parent (µs).
@@ -559,7 +580,18 @@ pub fn run(o: TargetOptions) -> ! {
             }
             Ok("gapreset") => {
                 MAX_GAP_US.store(0, SeqCst);
+                GAPS.lock().unwrap().clear();
                 println!("GAPRESET");
+                std::io::stdout().flush().ok();
+            }
+            Ok("gaps") => {
+                let g: Vec<String> = GAPS
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|(a, b)| format!("{a}:{b}"))
+                    .collect();
+                println!("GAPS {}", g.join(","));
                 std::io::stdout().flush().ok();
             }
             Ok("gap") => {

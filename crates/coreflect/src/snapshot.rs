@@ -144,6 +144,18 @@ pub struct PauseBreakdown {
     pub total_us: u64,
     /// The estimate made before stopping.
     pub estimate_us: u64,
+    /// When the pause began, in CLOCK_MONOTONIC nanoseconds (to match it with what the
+    /// target observed).
+    pub started_ns: u64,
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// An address range `[start, end)`.
@@ -456,6 +468,7 @@ impl Snapshot {
 
         // ---- the pause begins ----
         let t0 = Instant::now();
+        pause.started_ns = monotonic_ns();
         let mut stopped = StoppedProcess::stop(pid, opts.stop_timeout)?;
         pause.stop_us = us(t0.elapsed());
         // Everyone is stopped: from here on nothing of the target needs a CPU until it is
