@@ -324,3 +324,45 @@ fn same_notes_and_segments_as_gcore_and_the_kernel() {
     let knotes = note_types(&kcore);
     assert_eq!(onotes, knotes, "note types differ from the kernel's core");
 }
+
+#[test]
+fn more_than_65534_segments_use_pn_xnum() {
+    if !is_root() {
+        eprintln!("skipped: needs root to raise vm.max_map_count");
+        return;
+    }
+    const MAPS: usize = 70_000;
+    let knob = "/proc/sys/vm/max_map_count";
+    let old = std::fs::read_to_string(knob).unwrap();
+    if old.trim().parse::<usize>().unwrap() < 2 * MAPS {
+        std::fs::write(knob, (2 * MAPS + 65536).to_string()).unwrap();
+    }
+    let d = tmpdir("xnum");
+    let t = Target::spawn(&["--heap-mib", "1", "--many-maps", &MAPS.to_string()]);
+    let core = d.join("x.core");
+    let json = dump(t.pid, &core, &[]);
+    let cf = CoreFile::open(&core).unwrap();
+    let mut eh = [0u8; 64];
+    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&core).unwrap(), &mut eh, 0)
+        .unwrap();
+    assert_eq!(u16::from_le_bytes([eh[56], eh[57]]), PN_XNUM, "e_phnum");
+    let loads = cf.loads().count();
+    assert!(loads > MAPS, "{loads} PT_LOADs");
+    assert_eq!(json.num("segments") as usize, loads);
+    let base = t.get("maps_addr");
+    assert!(cf
+        .loads()
+        .any(|p| p.vaddr == base + 4096 && p.memsz == 4096));
+    let (ok, out) = run_tool("eu-readelf", &["-l", core.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let out = gdb(
+        &core,
+        &[
+            "info threads",
+            &format!("x/1xg {:#x}", t.get("marker_addr")),
+        ],
+    );
+    assert!(out.contains(&format!("{:#018x}", t.get("marker"))), "{out}");
+    drop(t);
+    std::fs::write(knob, old.trim()).unwrap();
+}

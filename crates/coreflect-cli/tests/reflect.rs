@@ -237,6 +237,23 @@ fn wipeonfork_memory_is_read_from_the_live_target() {
 }
 
 #[test]
+fn dontfork_memory_is_read_from_the_live_target() {
+    let d = tmpdir("dof");
+    let t = Target::spawn(&["--heap-mib", "1", "--dontfork-kib", "64"]);
+    let core = d.join("d.core");
+    let json = dump(t.pid, &core, &[]);
+    assert_eq!(json.get("mode").as_deref(), Some("reflect"));
+    assert!(json.warnings().contains("MADV_DONTFORK"), "{}", json.0);
+    let cf = CoreFile::open(&core).unwrap();
+    let b = cf
+        .read(t.get("dof_addr") + 100, 64)
+        .unwrap()
+        .expect("don't-fork range in core");
+    assert!(b.iter().all(|&x| x == 0xCD), "{b:?}");
+    assert_undisturbed(&t.quit());
+}
+
+#[test]
 fn seccomp_target_with_and_without_cap_sys_admin() {
     if !is_root() {
         eprintln!("skipped: needs root (CAP_SYS_ADMIN to suspend seccomp)");

@@ -67,6 +67,10 @@ pub struct TargetOptions {
     pub exec_after_ms: u64,
     /// Call prctl(PR_SET_DUMPABLE, 0).
     pub non_dumpable: bool,
+    /// Size of a MADV_DONTFORK region (KiB), 0 for none.
+    pub dontfork_kib: usize,
+    /// Split a reservation into this many separate mappings (0: none).
+    pub many_maps: usize,
 }
 
 impl Default for TargetOptions {
@@ -88,6 +92,8 @@ impl Default for TargetOptions {
             exit_after_ms: 0,
             exec_after_ms: 0,
             non_dumpable: false,
+            dontfork_kib: 0,
+            many_maps: 0,
         }
     }
 }
@@ -118,6 +124,8 @@ impl TargetOptions {
                 "--churn-maps" => o.churn_maps = true,
                 "--fork-loop" => o.fork_loop = true,
                 "--non-dumpable" => o.non_dumpable = true,
+                "--dontfork-kib" => o.dontfork_kib = num(a)?,
+                "--many-maps" => o.many_maps = num(a)?,
                 "--exit-after-ms" => o.exit_after_ms = num(a)? as u64,
                 "--exec-after-ms" => o.exec_after_ms = num(a)? as u64,
                 other => return Err(format!("unknown option {other}")),
@@ -457,6 +465,25 @@ pub fn run(o: TargetOptions) -> ! {
             assert_eq!(libc::madvise(p as *mut _, n, 18 /* MADV_WIPEONFORK */), 0);
         }
         extra += &format!(" wof_addr={p:#x} wof_len={n}");
+    }
+    if o.dontfork_kib > 0 {
+        let n = o.dontfork_kib << 10;
+        let p = mmap_anon(n);
+        unsafe {
+            std::ptr::write_bytes(p as *mut u8, 0xCD, n);
+            assert_eq!(libc::madvise(p as *mut _, n, libc::MADV_DONTFORK), 0);
+        }
+        extra += &format!(" dof_addr={p:#x} dof_len={n}");
+    }
+    if o.many_maps > 0 {
+        // Alternate protections page by page: every page becomes a mapping of its own.
+        let n = o.many_maps * 4096;
+        let p = mmap_anon(n);
+        for i in (1..o.many_maps).step_by(2) {
+            let r = unsafe { libc::mprotect((p + i * 4096) as *mut _, 4096, libc::PROT_READ) };
+            assert_eq!(r, 0, "mprotect: raise vm.max_map_count");
+        }
+        extra += &format!(" maps_addr={p:#x}");
     }
     if o.sparse_reserve_mib > 0 {
         let n = o.sparse_reserve_mib << 20;
