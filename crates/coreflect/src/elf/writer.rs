@@ -403,11 +403,17 @@ fn out_err(e: io::Error) -> Error {
     Error::io("writing the core", e)
 }
 
+/// How many threads read memory in [`write_core`]: reading through `/proc/PID/mem` costs
+/// more CPU than writing (the kernel bounces every page through a buffer of its own), so
+/// two readers keep one writer busy.
+pub const READERS: usize = 2;
+
 /// Writes a whole core: headers, `notes`, then the segments' bytes read from `mem`.
 ///
-/// Reading and writing overlap: a reader thread fills a small ring of large buffers
-/// (reading, pagemap and zero-page checks) while this thread writes them out. The output
-/// is byte for byte the same as [`write_core_serial`]'s.
+/// Reading and writing overlap: [`READERS`] threads fill buffers from a small ring of their
+/// own (reading, pagemap and zero-page checks), taking chunks in turn, while this thread
+/// writes them out in file order. The output is byte for byte the same as
+/// [`write_core_serial`]'s.
 pub fn write_core(
     sink: &mut dyn Sink,
     notes: &[u8],
@@ -415,7 +421,8 @@ pub fn write_core(
     mem: &dyn MemoryReader,
     progress: &mut dyn Progress,
 ) -> Result<WriteStats> {
-    const RING: usize = 3;
+    use std::sync::mpsc::{channel, sync_channel, Sender};
+    const PER_READER: usize = 2;
     let lay = layout(notes.len() as u64, segs, crate::page_size());
     let mut st = WriteStats::default();
     let mut pos = write_head(sink, &lay, notes, &mut st).map_err(out_err)?;
@@ -423,31 +430,45 @@ pub fn write_core(
     let total: u64 = segs.iter().map(|s| s.filesz).sum();
     let mut done = 0u64;
     let result = std::thread::scope(|scope| -> Result<()> {
-        let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Chunk>(RING);
-        for _ in 0..RING {
-            let _ = free_tx.send(Vec::with_capacity(CHUNK));
+        let (full_tx, full_rx) = sync_channel::<(usize, usize, Chunk)>(READERS * PER_READER);
+        // Each reader has its own buffers, so the reader holding the next chunk in file
+        // order can always go on (no deadlock on a shared pool).
+        let mut free: Vec<Sender<Vec<u8>>> = Vec::new();
+        for r in 0..READERS {
+            let (free_tx, free_rx) = channel::<Vec<u8>>();
+            for _ in 0..PER_READER {
+                let _ = free_tx.send(Vec::with_capacity(CHUNK));
+            }
+            free.push(free_tx);
+            let full_tx = full_tx.clone();
+            let list = &chunks;
+            scope.spawn(move || {
+                let mut pm = Vec::new();
+                for (k, &(i, addr, len, off)) in list.iter().enumerate().skip(r).step_by(READERS) {
+                    let Ok(buf) = free_rx.recv() else { return };
+                    let c = fill_chunk(mem, &segs[i], addr, len, off, buf, &mut pm);
+                    if full_tx.send((k, r, c)).is_err() {
+                        return;
+                    }
+                }
+            });
         }
-        let list = &chunks;
-        scope.spawn(move || {
-            let mut pm = Vec::new();
-            for &(i, addr, len, off) in list {
-                let Ok(buf) = free_rx.recv() else { return };
-                let c = fill_chunk(mem, &segs[i], addr, len, off, buf, &mut pm);
-                if full_tx.send(c).is_err() {
-                    return;
+        drop(full_tx);
+        let mut waiting = std::collections::BTreeMap::new();
+        let mut next = 0;
+        for (k, r, c) in full_rx.iter() {
+            waiting.insert(k, (r, c));
+            while let Some((r, c)) = waiting.remove(&next) {
+                emit_chunk(sink, &c, &mut pos, &mut st).map_err(out_err)?;
+                done += c.len as u64;
+                next += 1;
+                let _ = free[r].send(c.buf);
+                if !progress.update(done, total) {
+                    return Err(Error::Cancelled);
                 }
             }
-        });
-        for c in full_rx.iter() {
-            emit_chunk(sink, &c, &mut pos, &mut st).map_err(out_err)?;
-            done += c.len as u64;
-            let _ = free_tx.send(c.buf);
-            if !progress.update(done, total) {
-                return Err(Error::Cancelled);
-            }
         }
-        // Dropping full_rx/free_tx on return stops the reader.
+        // Dropping the channels on return stops the readers.
         Ok(())
     });
     result?;
