@@ -297,23 +297,15 @@ fn same_notes_and_segments_as_gcore_and_the_kernel() {
         eprintln!("skipped the kernel comparison: core_pattern pipes to {pattern}");
         return;
     }
-    let mut child = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "ulimit -c unlimited && exec {} __target --heap-mib 4",
-            exe().display()
-        ))
-        .current_dir(&kdir)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
+    let (mut child, _) = spawn_first_line(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -c unlimited && exec {} __target --heap-mib 4",
+                exe().display()
+            ))
+            .current_dir(&kdir),
+    );
     unsafe { libc::kill(child.id() as i32, libc::SIGABRT) };
     let _ = child.wait();
     let kcore = std::fs::read_dir(&kdir)

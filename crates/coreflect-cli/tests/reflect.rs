@@ -216,41 +216,41 @@ fn sigterm_and_sigint_release_everything_and_leave_no_file() {
     assert_undisturbed(&t.quit());
 }
 
-#[test]
-fn wipeonfork_memory_is_read_from_the_live_target() {
-    let d = tmpdir("wof");
-    let t = Target::spawn(&["--heap-mib", "1", "--wipeonfork-kib", "64"]);
-    let core = d.join("w.core");
+/// A region the clone cannot hold (`flag`: `--wipeonfork-kib` or `--dontfork-kib`, filled
+/// with `fill` at the READY key `addr_key`) is read from the live target, with a warning.
+fn live_region_is_dumped(name: &str, flag: &str, addr_key: &str, fill: u8, warning: &str) {
+    let d = tmpdir(name);
+    let t = Target::spawn(&["--heap-mib", "1", flag, "64"]);
+    let core = d.join("l.core");
     let json = dump(t.pid, &core, &[]);
     assert_eq!(json.get("mode").as_deref(), Some("reflect"));
-    assert!(json.warnings().contains("MADV_WIPEONFORK"), "{}", json.0);
+    assert!(json.warnings().contains(warning), "{}", json.0);
     let cf = CoreFile::open(&core).unwrap();
     let b = cf
-        .read(t.get("wof_addr") + 100, 64)
+        .read(t.get(addr_key) + 100, 64)
         .unwrap()
-        .expect("wipe-on-fork range in core");
+        .unwrap_or_else(|| panic!("{warning} range missing from the core"));
     assert!(
-        b.iter().all(|&x| x == 0xAB),
-        "the clone's zeros were dumped: {b:?}"
+        b.iter().all(|&x| x == fill),
+        "the clone's view was dumped: {b:?}"
     );
     assert_undisturbed(&t.quit());
 }
 
 #[test]
+fn wipeonfork_memory_is_read_from_the_live_target() {
+    live_region_is_dumped(
+        "wof",
+        "--wipeonfork-kib",
+        "wof_addr",
+        0xAB,
+        "MADV_WIPEONFORK",
+    );
+}
+
+#[test]
 fn dontfork_memory_is_read_from_the_live_target() {
-    let d = tmpdir("dof");
-    let t = Target::spawn(&["--heap-mib", "1", "--dontfork-kib", "64"]);
-    let core = d.join("d.core");
-    let json = dump(t.pid, &core, &[]);
-    assert_eq!(json.get("mode").as_deref(), Some("reflect"));
-    assert!(json.warnings().contains("MADV_DONTFORK"), "{}", json.0);
-    let cf = CoreFile::open(&core).unwrap();
-    let b = cf
-        .read(t.get("dof_addr") + 100, 64)
-        .unwrap()
-        .expect("don't-fork range in core");
-    assert!(b.iter().all(|&x| x == 0xCD), "{b:?}");
-    assert_undisturbed(&t.quit());
+    live_region_is_dumped("dof", "--dontfork-kib", "dof_addr", 0xCD, "MADV_DONTFORK");
 }
 
 #[test]

@@ -224,7 +224,10 @@ pub fn reap_in_target(
 fn stop_one(tid: Pid, timeout: Duration) -> Result<Option<Tracee>> {
     match ptrace::seize(tid, 0) {
         Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
+        // Gone, exiting (EPERM), or traced by someone else: try another thread.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ESRCH) | Some(libc::EPERM)) => {
+            return Ok(None)
+        }
         Err(e) => return Err(e),
     }
     if ptrace::interrupt(tid).is_err() {

@@ -117,6 +117,10 @@ impl StoppedProcess {
                 match ptrace::seize(tid, 0) {
                     Ok(()) => {}
                     Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
+                    // The kernel also refuses (EPERM) a thread that is exiting.
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) && exiting(pid, tid) => {
+                        continue
+                    }
                     Err(e)
                         if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) =>
                     {
@@ -328,6 +332,14 @@ pub fn detach_tracee(t: &Tracee) -> Result<()> {
 impl Drop for StoppedProcess {
     fn drop(&mut self) {
         self.release_all();
+    }
+}
+
+/// True if thread `tid` of `pid` is gone or exiting (a zombie or dead thread).
+fn exiting(pid: Pid, tid: Pid) -> bool {
+    match proc::Status::read_thread(pid, tid) {
+        Ok(s) => matches!(s.state, 'Z' | 'X' | 'x'),
+        Err(_) => true,
     }
 }
 

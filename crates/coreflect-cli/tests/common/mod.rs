@@ -341,3 +341,17 @@ pub fn assert_undisturbed(stats: &HashMap<String, u64>) {
         assert_eq!(stats.get(k), Some(&v), "target counter {k} in {stats:?}");
     }
 }
+
+/// Starts `cmd` with piped stdin/stdout and waits for its first line (READY for a target).
+pub fn spawn_first_line(cmd: &mut Command) -> (Child, String) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the process");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line)
+}
