@@ -358,3 +358,52 @@ fn more_than_65534_segments_use_pn_xnum() {
     drop(t);
     std::fs::write(knob, old.trim()).unwrap();
 }
+
+#[test]
+fn lldb_reads_threads_libraries_and_backtraces() {
+    let d = tmpdir("lldb");
+    let t = Target::spawn(&["--heap-mib", "2"]);
+    let core = d.join("l.core");
+    dump(t.pid, &core, &[]);
+    let (_, out) = run_tool(
+        "lldb",
+        &[
+            "--batch",
+            "-o",
+            &format!(
+                "target create {} --core {}",
+                exe().display(),
+                core.display()
+            ),
+            "-o",
+            "image list",
+            "-o",
+            "bt all",
+        ],
+    );
+    assert!(
+        out.contains("was loaded"),
+        "lldb did not load the core:\n{out}"
+    );
+    assert!(out.contains("libc.so.6"), "lldb found no libc:\n{out}");
+    let threads = out
+        .lines()
+        .filter(|l| {
+            l.trim_start().starts_with("* thread #") || l.trim_start().starts_with("thread #")
+        })
+        .count();
+    assert_eq!(threads, t.threads(), "lldb's threads:\n{out}");
+    for w in [
+        "spin_worker",
+        "read_worker",
+        "sleep_worker",
+        "condvar_worker",
+        "accept_worker",
+    ] {
+        assert!(
+            out.contains(w),
+            "{w} missing from lldb's backtraces:\n{out}"
+        );
+    }
+    assert_undisturbed(&t.quit());
+}
