@@ -763,6 +763,14 @@ fn run_scenario(ctx: &Ctx, sc: &Scenario, index: usize, total: usize) -> Outcome
             ));
         }
     }
+    // Warm-up, not counted: write as much as a dump will, once. On a VM, memory the guest
+    // has never touched costs a host fault per page on first use (here ~2 s per GiB of
+    // page cache); without this, whichever method runs first after the target filled its
+    // heap pays for it, and the others do not.
+    let warm = (sc.touched_gib * (1u64 << 30) as f64) as u64 + (64 << 20);
+    if let Err(e) = dd(ctx, sc, warm) {
+        eprintln!("  warm-up failed: {e}");
+    }
     'runs: for run in 1..=ctx.runs {
         let mut reflect_bytes = None;
         for (i, &m) in sc.methods.iter().enumerate() {

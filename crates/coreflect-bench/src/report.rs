@@ -263,6 +263,10 @@ pub fn render(facts: &str, outcomes: &[Outcome], runs: usize) -> String {
          16 MiB, to the same directory. Nothing is fsynced."
             .to_string(),
         "peak RSS: ru_maxrss of the tool from wait4 (for gcore, including gdb).".to_string(),
+        "each scenario begins with an uncounted dd of the dump's size: on a VM, page-cache \
+         memory the guest never touched costs a host fault per page on first use, which \
+         would otherwise fall on whichever method runs first."
+            .to_string(),
         "the target keeps two threads busy (a spinner and a sequence writer): with few CPUs \
          they compete with a dumper that lets the target run (reflect, dd), but not with one \
          that stops it (suspend, gcore)."
