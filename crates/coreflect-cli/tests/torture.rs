@@ -19,6 +19,14 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The torture tests run one at a time: the soak measures this process's own fds and
+/// memory, and the others would disturb each other's timing.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn long() -> bool {
     std::env::var("COREFLECT_TORTURE").is_ok_and(|v| v == "long")
 }
@@ -104,6 +112,7 @@ fn assert_complete_or_absent(path: &Path, threads: usize) {
 
 #[test]
 fn random_kills_never_harm_the_target() {
+    let _serial = serial();
     let trials = if long() { 200 } else { 20 };
     let heap = if long() { "1024" } else { "512" };
     let mut rng = Rng::from_env("random_kills");
@@ -216,6 +225,7 @@ fn alive(pid: i32) -> bool {
 
 #[test]
 fn target_changing_under_the_dump() {
+    let _serial = serial();
     let rounds = if long() { 20 } else { 3 };
     let d = tmpdir("torture-changes");
     for mode_args in [
@@ -301,6 +311,7 @@ fn rss_kb(pid: &str) -> u64 {
 
 #[test]
 fn soak_many_snapshots_leak_nothing() {
+    let _serial = serial();
     let n = if long() { 1000 } else { 100 };
     let mut t = Target::spawn(&["--heap-mib", "4"]);
     let tp = t.pid.to_string();
@@ -347,6 +358,7 @@ fn soak_many_snapshots_leak_nothing() {
 
 #[test]
 fn two_dumpers_at_once() {
+    let _serial = serial();
     let rounds = if long() { 20 } else { 4 };
     let d = tmpdir("torture-concurrent");
     let t = Target::spawn(&["--heap-mib", "64"]);
@@ -397,6 +409,7 @@ fn two_dumpers_at_once() {
 
 #[test]
 fn security_files_are_private_and_non_dumpable_targets_refused() {
+    let _serial = serial();
     if !is_root() {
         eprintln!("skipped: needs root to switch users");
         return;
@@ -461,6 +474,7 @@ fn security_files_are_private_and_non_dumpable_targets_refused() {
 
 #[test]
 fn traced_by_gdb_is_refused_cleanly() {
+    let _serial = serial();
     let d = tmpdir("torture-gdb");
     let mut t = Target::spawn(&["--heap-mib", "1"]);
     let mut g = Command::new("gdb")
