@@ -98,6 +98,33 @@ fn demo(a: &DemoArgs) -> anyhow::Result<()> {
         "coreflect demo: the sample process reported after the dump: {}",
         stats.trim()
     );
+    // Show what a debugger sees, when one is installed.
+    if let Ok(o) = Command::new("gdb")
+        .args([
+            "-batch",
+            "-nx",
+            "-iex",
+            "set debuginfod enabled off",
+            "-ex",
+            "info threads",
+        ])
+        .arg(&exe)
+        .arg(&r.path)
+        .stderr(Stdio::null())
+        .output()
+    {
+        let text = String::from_utf8_lossy(&o.stdout);
+        let threads: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("(LWP ") && !l.starts_with('['))
+            .collect();
+        if !threads.is_empty() {
+            eprintln!("coreflect demo: gdb sees these threads in the core:");
+            for l in threads {
+                eprintln!("  {}", l.trim_end());
+            }
+        }
+    }
     eprintln!(
         "coreflect demo: open the core with\n    gdb {} {}\n  e.g. gdb -batch -ex 'info threads' -ex 'thread apply all bt' {} {}",
         exe.display(),
