@@ -20,6 +20,9 @@ pub fn run_guarded(work: impl FnOnce(Arc<AtomicBool>) -> i32) -> i32 {
     if child == 0 {
         unsafe {
             libc::setpgid(0, 0);
+            // A background process group writing to a terminal with `stty tostop` would be
+            // stopped by SIGTTOU, clone alive: write anyway.
+            libc::signal(libc::SIGTTOU, libc::SIG_IGN);
         }
         let cancel = crate::cancel_flag();
         unsafe {

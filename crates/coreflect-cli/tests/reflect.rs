@@ -370,3 +370,90 @@ fn example_snapshot_prints_threads_and_value() {
     assert!(children(t.pid).is_empty());
     assert_undisturbed(&t.quit());
 }
+
+/// The state letter of a process.
+fn state(pid: i32) -> char {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    s.rsplit(')').next().unwrap().trim().chars().next().unwrap()
+}
+
+#[test]
+fn signals_sent_during_the_pause_are_delivered_once() {
+    let d = tmpdir("signals");
+    let mut t = Target::spawn(&["--heap-mib", "4"]);
+    // A handled signal (SIGCHLD, SA_RESTART) arrives while every thread is stopped.
+    let out = d.join("x.core");
+    let mut c = dump_paused_at(t.pid, &out, "stopped");
+    unsafe { libc::kill(t.pid, libc::SIGCHLD) };
+    std::thread::sleep(Duration::from_millis(50));
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    c.wait().unwrap();
+    wait_free(t.pid);
+    assert!(t.ping());
+    // SIGSTOP during the pause: the target must end up stopped, as it asked.
+    let mut c = dump_paused_at(t.pid, &out, "stopped");
+    unsafe { libc::kill(t.pid, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_millis(50));
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    c.wait().unwrap();
+    wait_no_dumper(t.pid);
+    let mut st = state(t.pid);
+    for _ in 0..200 {
+        if st == 'T' {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        st = state(t.pid);
+    }
+    assert_eq!(st, 'T', "the SIGSTOP sent during the pause was lost");
+    unsafe { libc::kill(t.pid, libc::SIGCONT) };
+    assert!(t.ping());
+    // A stopped target is not injected into: the clone's zombie waits for the next dump.
+    assert!(child_states(t.pid).iter().all(|s| *s == 'Z'));
+    dump(t.pid, &out, &[]);
+    assert!(children(t.pid).is_empty());
+    let stats = t.quit();
+    assert_eq!(stats["sigchld"], 1, "{stats:?}");
+    for k in [
+        "read_eintr",
+        "read_bad",
+        "short_sleep",
+        "sleep_err",
+        "waitpid_children",
+    ] {
+        assert_eq!(stats[k], 0, "{k}: {stats:?}");
+    }
+}
+
+#[test]
+fn a_target_in_its_own_pid_namespace_is_reflected_and_reaped() {
+    if !is_root() {
+        eprintln!("skipped: needs root for a pid namespace");
+        return;
+    }
+    let d = tmpdir("pidns");
+    let (mut u, line) = spawn_first_line(
+        Command::new("unshare")
+            .args(["--pid", "--fork"])
+            .arg(exe())
+            .args(["__target", "--heap-mib", "2"]),
+    );
+    assert!(
+        line.starts_with("READY pid=1 "),
+        "not pid 1 in its namespace: {line}"
+    );
+    let pid = children(u.id() as i32)[0];
+    let core = d.join("ns.core");
+    for _ in 0..3 {
+        let json = dump(pid, &core, &["--mode", "reflect", "--overwrite"]);
+        assert_eq!(json.warnings(), "", "{}", json.0);
+        assert!(
+            children(pid).is_empty(),
+            "the clone's zombie was left in the container"
+        );
+    }
+    assert_free(pid);
+    let _ = u.kill();
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = u.wait();
+}

@@ -162,6 +162,12 @@ pub enum Error {
         /// How long we waited.
         waited_ms: u64,
     },
+    /// The target runs 32-bit code, which this x86_64 core writer does not describe.
+    #[error("pid {pid} is a 32-bit process: coreflect writes x86_64 cores only; use gcore for it")]
+    Not64Bit {
+        /// The target.
+        pid: Pid,
+    },
     /// The target is not dumpable and we lack the privilege to dump it anyway.
     #[error("pid {pid} is not dumpable (a set-user-ID/set-group-ID program, or one that called prctl(PR_SET_DUMPABLE, 0)): only root or a process with CAP_SYS_PTRACE may dump it")]
     NotDumpable {

@@ -71,12 +71,16 @@ pub struct Injected {
 
 /// Runs syscall `nr(args)` on stopped thread `tid` (saved state `saved`, `saved_mask`) using
 /// the `syscall` instruction at `insn`, with extra ptrace `options` for the duration.
-/// `on_child` runs at a clone/fork event, while the thread is still inside the syscall;
+/// `on_child` runs at a clone/fork event, while the thread is still inside the syscall (the
+/// caller should remember the child: it exists even if this function then fails);
 /// `during` runs once while the thread executes the syscall (to overlap other work with a
 /// long syscall such as `clone`).
 ///
-/// On return (success or error) the thread's registers, signal mask and options are restored
-/// as far as the thread still exists; the caller detaches it.
+/// Afterwards the thread is brought to an interrupt stop on its way back to user mode and
+/// its registers, signal mask and options are put back there unchanged, as far as it still
+/// exists: the kernel itself then decides, as for every other thread, whether the syscall
+/// the thread had been interrupted in restarts or returns EINTR to a signal handler. Signals
+/// that arrived for it meanwhile are queued again. The caller detaches it.
 #[allow(clippy::too_many_arguments)]
 pub fn inject_syscall(
     tid: Pid,
@@ -91,6 +95,7 @@ pub fn inject_syscall(
     during: &mut dyn FnMut() -> Result<()>,
 ) -> Result<Injected> {
     ptrace::set_sigmask(tid, !0)?;
+    let mut requeue = Vec::new();
     let res = (|| {
         ptrace::set_options(tid, ptrace::O_TRACESYSGOOD | options)?;
         let mut r = *saved;
@@ -104,46 +109,101 @@ pub fn inject_syscall(
         r.0.r8 = args[4];
         r.0.r9 = args[5];
         ptrace::set_regs(tid, &r)?;
-        drive(tid, Instant::now() + timeout, on_child, during)
+        drive(tid, timeout, on_child, during, &mut requeue)
     })();
-    let restore = arch::restarted(saved).unwrap_or(*saved);
-    let r1 = ptrace::set_regs(tid, &restore);
-    let r2 = ptrace::set_sigmask(tid, saved_mask);
-    let r3 = ptrace::set_options(tid, 0);
+    if matches!(res, Err(Error::ProcessExited { .. })) {
+        return res;
+    }
+    // Bring it to an interrupt stop before user mode and put everything back there.
+    let restored = (|| {
+        ptrace::interrupt(tid)?;
+        ptrace::cont(tid, 0)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match ptrace::wait_until(tid, deadline)? {
+                Some(WaitStatus::Stopped { event, .. }) if event == ptrace::EVENT_STOP => break,
+                Some(WaitStatus::Stopped { sig, event: 0 }) => {
+                    requeue.push(sig);
+                    ptrace::cont(tid, 0)?;
+                }
+                Some(WaitStatus::Exited(_) | WaitStatus::Signaled(_)) => {
+                    return Err(Error::ProcessExited { pid: tid })
+                }
+                Some(_) => ptrace::cont(tid, 0)?,
+                None => {
+                    return Err(Error::io(
+                        format!("bringing thread {tid} back after an injected syscall"),
+                        std::io::Error::from(std::io::ErrorKind::TimedOut),
+                    ))
+                }
+            }
+        }
+        ptrace::set_regs(tid, saved)?;
+        ptrace::set_sigmask(tid, saved_mask)?;
+        ptrace::set_options(tid, 0)
+    })();
+    for sig in requeue {
+        // Pending again once the thread is released, with its own mask.
+        unsafe { libc::syscall(libc::SYS_tkill, tid, sig) };
+    }
     let out = res?;
-    r1?;
-    r2?;
-    r3?;
+    restored?;
     Ok(out)
 }
 
+/// Signals a thread gets for an instruction it executes: if the borrowed `syscall` raises
+/// one, the injection failed.
+const FAULTS: &[i32] = &[
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGILL,
+    libc::SIGFPE,
+    libc::SIGTRAP,
+    libc::SIGSYS,
+];
+
 fn drive(
     tid: Pid,
-    deadline: Instant,
+    timeout: Duration,
     on_child: &mut dyn FnMut(Pid) -> Result<()>,
     during: &mut dyn FnMut() -> Result<()>,
+    requeue: &mut Vec<i32>,
 ) -> Result<Injected> {
     let mut child = None;
     let mut entered = false;
     let mut during_result = None;
+    let mut child_result = Ok(());
+    // Until the syscall is entered, `timeout` applies; once inside, it must be waited out
+    // (giving up would leave the thread running borrowed registers with EXITKILL armed).
+    let mut deadline = Instant::now() + timeout;
     ptrace::syscall(tid)?;
     loop {
         let st = ptrace::wait_until(tid, deadline)?.ok_or_else(|| {
             Error::io(
-                format!("waiting for injected syscall in thread {tid}"),
+                format!("waiting for the injected syscall in thread {tid}"),
                 std::io::Error::from(std::io::ErrorKind::TimedOut),
             )
         })?;
         match st {
-            WaitStatus::SyscallStop if !entered => entered = true,
+            WaitStatus::SyscallStop if !entered => {
+                entered = true;
+                deadline = Instant::now() + Duration::from_secs(24 * 3600);
+            }
             WaitStatus::SyscallStop => break,
             WaitStatus::Stopped { event, .. }
                 if event == ptrace::EVENT_CLONE || event == ptrace::EVENT_FORK =>
             {
                 let pid = ptrace::event_msg(tid)? as Pid;
                 child = Some(pid);
-                on_child(pid)?;
+                child_result = on_child(pid);
             }
+            WaitStatus::Stopped { sig, event: 0 } if !entered && FAULTS.contains(&sig) => {
+                return Err(Error::io(
+                    format!("the borrowed syscall instruction faulted in thread {tid}"),
+                    std::io::Error::other(format!("signal {sig}")),
+                ));
+            }
+            WaitStatus::Stopped { sig, event: 0 } => requeue.push(sig),
             WaitStatus::Stopped { .. } => {}
             WaitStatus::Exited(_) | WaitStatus::Signaled(_) => {
                 return Err(Error::ProcessExited { pid: tid })
@@ -157,6 +217,7 @@ fn drive(
     }
     let ret = ptrace::get_regs(tid)?.ret();
     during_result.unwrap_or(Ok(()))?;
+    child_result?;
     Ok(Injected { ret, child })
 }
 

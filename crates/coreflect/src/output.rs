@@ -159,7 +159,7 @@ impl OutputFile {
             } else {
                 libc::RENAME_NOREPLACE
             };
-            let r = unsafe {
+            let mut r = unsafe {
                 libc::renameat2(
                     libc::AT_FDCWD,
                     ct.as_ptr(),
@@ -168,6 +168,17 @@ impl OutputFile {
                     flags,
                 )
             };
+            if r != 0
+                && !self.overwrite
+                && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL)
+            {
+                // No RENAME_NOREPLACE here (FUSE, NFS): link() fails atomically on an
+                // existing name, then the temporary name goes.
+                r = unsafe { libc::link(ct.as_ptr(), cpath.as_ptr()) };
+                if r == 0 {
+                    unsafe { libc::unlink(ct.as_ptr()) };
+                }
+            }
             if r != 0 {
                 return Err(out_err(
                     "cannot name the core",

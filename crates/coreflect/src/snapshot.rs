@@ -171,6 +171,8 @@ struct CloneGuard {
     target: Pid,
     target_start: u64,
     clone: Pid,
+    /// The clone's pid in the target's pid namespace (what `wait4` there needs).
+    clone_ns: Pid,
     options: u32,
     hook: Option<PhaseHookDebug>,
 }
@@ -203,7 +205,10 @@ impl CloneGuard {
         if let Some(h) = &self.hook {
             (h.0)(Phase::Reaping)
         }
-        // The target may have exec'd meanwhile: find the syscall instruction afresh.
+        let _lock =
+            TargetLock::acquire(self.target, self.target_start, Duration::from_secs(10)).ok();
+        // The target may have exec'd meanwhile: find the syscall instruction afresh (after
+        // taking the lock, right before use).
         let insn = proc::maps::read_maps(self.target).ok().and_then(|m| {
             let mem = ProcMem::open(self.target).ok()?;
             inject::find_syscall_in_vdso(&m, &mem)
@@ -217,11 +222,9 @@ impl CloneGuard {
                 Err(_) => None,
             };
         };
-        let _lock =
-            TargetLock::acquire(self.target, self.target_start, Duration::from_secs(10)).ok();
         match inject::reap_in_target(
             self.target,
-            &[clone],
+            &[self.clone_ns],
             insn,
             self.options,
             Duration::from_secs(2),
@@ -320,7 +323,21 @@ pub fn preflight(pid: Pid) -> Result<ProcessInfo> {
         }
     }
     check_dumpable(pid, &status)?;
-    ProcessInfo::read(pid)
+    let info = ProcessInfo::read(pid)?;
+    // A 32-bit program (its executable's ELF class is 1) cannot be described by this writer.
+    let class = info
+        .exe
+        .as_ref()
+        .and_then(|e| std::fs::File::open(e).ok())
+        .and_then(|f| {
+            let mut b = [0u8; 5];
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 0).ok()?;
+            (&b[..4] == b"\x7fELF").then_some(b[4])
+        });
+    if class == Some(1) {
+        return Err(Error::Not64Bit { pid });
+    }
+    Ok(info)
 }
 
 /// Refuses a non-dumpable target (set-uid, or `PR_SET_DUMPABLE` 0) when we lack
@@ -390,12 +407,27 @@ pub fn estimate_pause(status: &proc::Status, maps: &[Mapping], mode: Mode) -> Du
 
 /// Children of `pid` that look like clones left by an interrupted coreflect: zombies created
 /// with exit signal 0 (`PTRACE_EVENT_CLONE`), invisible to the target's own `wait`.
+/// Returns their pids in the target's pid namespace. A coreflect clone exits with status
+/// [`CLONE_EXIT_CODE`] (or is killed by SIGKILL when its tracer died).
 pub fn leftover_clones(pid: Pid) -> Vec<Pid> {
     proc::children(pid)
         .into_iter()
-        .filter(|&c| proc::Stat::read(c).is_ok_and(|s| s.state == 'Z' && s.exit_signal == 0))
+        .filter(|&c| {
+            proc::Stat::read(c).is_ok_and(|s| {
+                s.state == 'Z'
+                    && s.exit_signal == 0
+                    && (s.exit_code == CLONE_EXIT_CODE << 8 || s.exit_code == libc::SIGKILL)
+            })
+        })
+        .filter_map(|c| match proc::Status::read(c) {
+            Ok(st) if st.ns_pid > 0 => Some(st.ns_pid),
+            _ => None,
+        })
         .collect()
 }
+
+/// The exit code coreflect's clones exit with: it marks their zombies as ours.
+pub const CLONE_EXIT_CODE: i32 = 0xCF;
 
 fn us(d: Duration) -> u64 {
     d.as_micros() as u64
@@ -502,7 +534,23 @@ impl Snapshot {
                     reason: "no thread can safely run the injected clone (all are delivering signals, group-stopped, or in mask-swapping syscalls)".into(),
                 }),
                 (Some(insn), Some(t)) => {
-                    reflect(&mut stopped, t, insn, extra_opts, t0, &mut pause, &mut xbuf)
+                    // The address was found before the pause: make sure it still holds a
+                    // `syscall` (an exec since then would have replaced the address space,
+                    // and the descriptor opened before no longer reads it).
+                    let mut b = [0u8; 2];
+                    match target_mem.read_at(insn, &mut b) {
+                        Ok(2) if b == [0x0f, 0x05] => {
+                            reflect(&mut stopped, t, insn, extra_opts, t0, &mut pause, &mut xbuf)
+                        }
+                        _ => {
+                            return Err(Error::io(
+                                format!("stopping pid {pid}"),
+                                std::io::Error::other(
+                                    "it executed a new program (exec) while being stopped; try again",
+                                ),
+                            ))
+                        }
+                    }
                 }
             };
             match attempt {
@@ -514,6 +562,7 @@ impl Snapshot {
                         target: pid,
                         target_start: process.stat.start_time,
                         clone: c,
+                        clone_ns: c,
                         options: extra_opts,
                         hook: opts.hook.clone().map(PhaseHookDebug),
                     });
@@ -539,13 +588,16 @@ impl Snapshot {
         // ---- the pause ends (reflect mode) ----
         drop(boost);
 
-        let (image_pid, stopped, lock) = match &clone {
+        let (image_pid, stopped, lock) = match clone.as_ref().map(|c| c.clone) {
             Some(c) => {
                 drop(lock);
                 mode = Mode::Reflect;
-                setup_clone(c.clone, clone_insn)?;
+                let ns = setup_clone(c, clone_insn)?;
+                if let Some(g) = clone.as_mut() {
+                    g.clone_ns = ns;
+                }
                 opts.phase(Phase::Released);
-                (c.clone, None, None)
+                (c, None, None)
             }
             None => {
                 mode = Mode::Suspend;
@@ -703,7 +755,11 @@ impl Snapshot {
     pub fn release_image(&mut self) {
         if let Some(c) = &self.clone {
             if c.clone != 0 {
-                unsafe { libc::kill(c.clone, libc::SIGKILL) };
+                // Let it run its one instruction, exit_group(CLONE_EXIT_CODE), which marks
+                // its zombie as ours; from another thread than its tracer, kill it.
+                if ptrace::cont(c.clone, 0).is_err() {
+                    unsafe { libc::kill(c.clone, libc::SIGKILL) };
+                }
             }
         }
     }
@@ -779,6 +835,7 @@ fn reflect(
     let sigmask = ptrace::get_sigmask(tid)?;
     let tracee = stopped.forget(tid).expect("chosen thread is stopped");
     let mut clone_at = 0;
+    let mut child_seen = None;
     let mut others = None;
     let mut capture_us = 0;
     let options = ptrace::O_TRACECLONE | ptrace::O_EXITKILL | extra_opts;
@@ -793,8 +850,9 @@ fn reflect(
             [CLONE_FILES, 0, 0, 0, 0, 0],
             options,
             Duration::from_secs(60),
-            &mut |_child| {
+            &mut |child| {
                 clone_at = us(t0.elapsed());
+                child_seen = Some(child);
                 Ok(())
             },
             &mut || {
@@ -809,15 +867,17 @@ fn reflect(
     };
     pause.capture_us = capture_us;
     match r {
+        // (clone returns the child's pid in the target's pid namespace, the event gives it
+        // in ours: they differ in a container.)
         Ok(inject::Injected {
             ret,
             child: Some(c),
-        }) if ret == c as i64 => {
+        }) if ret > 0 => {
             // The clone's memory is fixed. The borrowed thread is released first, while the
-            // others still hold still, so it never waits for a CPU behind them.
-            let r = crate::stop::detach_tracee(&tracee);
+            // others still hold still, so it never waits for a CPU behind them. (A failed
+            // detach means the thread is gone; the clone is still ours to clean up.)
+            let _ = crate::stop::detach_tracee(&tracee);
             stopped.release_all();
-            r?;
             pause.clone_us = clone_at - pause.stop_us;
             pause.release_us = us(t0.elapsed()) - clone_at;
             let mut all = others.unwrap_or_default();
@@ -826,8 +886,16 @@ fn reflect(
             Ok((c, all))
         }
         other => {
-            if let Ok(inject::Injected { child: Some(c), .. }) = other {
+            if let Some(c) = child_seen {
+                // Never leave a clone behind: kill it and wait for it as its tracer (its
+                // zombie, marked by SIGKILL, is reaped by the next dump).
                 unsafe { libc::kill(c, libc::SIGKILL) };
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while let Ok(Some(st)) = ptrace::wait_until(c, deadline) {
+                    if st.is_gone() {
+                        break;
+                    }
+                }
             }
             stopped.adopt(tracee);
             match other {
@@ -876,9 +944,9 @@ impl Drop for PauseBoost {
     }
 }
 
-/// At the clone's first stop: point it at `exit_group(0)` so it can never run the target's
+/// At the clone's first stop: point it at `exit_group(CLONE_EXIT_CODE)` so it can never run the target's
 /// code, kill it if we die, and make it the OOM killer's first choice.
-fn setup_clone(clone: Pid, insn: u64) -> Result<()> {
+fn setup_clone(clone: Pid, insn: u64) -> Result<Pid> {
     let deadline = Instant::now() + Duration::from_secs(10);
     match ptrace::wait_until(clone, deadline)? {
         Some(WaitStatus::Stopped { .. }) => {}
@@ -893,11 +961,16 @@ fn setup_clone(clone: Pid, insn: u64) -> Result<()> {
     r.0.rip = insn;
     r.0.rax = arch::SYS_EXIT_GROUP;
     r.0.orig_rax = u64::MAX;
-    r.0.rdi = 0;
+    r.0.rdi = CLONE_EXIT_CODE as u64;
     ptrace::set_regs(clone, &r)?;
     ptrace::set_options(clone, ptrace::O_EXITKILL)?;
     let _ = std::fs::write(format!("/proc/{clone}/oom_score_adj"), "1000");
-    Ok(())
+    // In a container the target knows the clone by another pid.
+    Ok(proc::Status::read(clone)
+        .ok()
+        .map(|s| s.ns_pid)
+        .filter(|&p| p > 0)
+        .unwrap_or(clone))
 }
 
 /// The clone's memory map, plus what only the live target holds (MADV_DONTFORK ranges are

@@ -270,6 +270,8 @@ impl StoppedProcess {
     /// Takes a thread back (after [`StoppedProcess::forget`]), still stopped.
     pub fn adopt(&mut self, t: Tracee) {
         self.tracees.push(t);
+        let pid = self.pid;
+        self.tracees.sort_by_key(|t| (t.tid != pid, t.tid));
     }
 
     /// Releases every thread still held. Errors (a thread that died) are ignored.

@@ -38,6 +38,8 @@ pub struct Status {
     pub threads: u32,
     /// True when the status has no `VmSize:` line (kernel threads, zombies).
     pub no_mm: bool,
+    /// The pid in the process's own (innermost) pid namespace: the last `NSpid:` field.
+    pub ns_pid: Pid,
 }
 
 impl Status {
@@ -85,6 +87,13 @@ impl Status {
                 "SigBlk" => s.sig_blocked = hex(),
                 "CapEff" => s.cap_eff = hex(),
                 "Threads" => s.threads = num() as u32,
+                "NSpid" => {
+                    s.ns_pid = v
+                        .split_whitespace()
+                        .last()
+                        .and_then(|x| x.parse().ok())
+                        .unwrap_or(0)
+                }
                 _ => {}
             }
         }
@@ -122,6 +131,8 @@ pub struct Stat {
     /// Start time in clock ticks after boot (field 22): with the pid, it names a process
     /// uniquely.
     pub start_time: u64,
+    /// Exit status in `waitpid` form, for a zombie (field 52).
+    pub exit_code: i32,
 }
 
 /// `PF_KTHREAD`: the task is a kernel thread.
@@ -171,6 +182,7 @@ impl Stat {
             nice: n(19),
             exit_signal: n(38) as i32,
             start_time: n(22) as u64,
+            exit_code: n(52) as i32,
         })
     }
 
@@ -193,6 +205,7 @@ mod tests {
         f[14 - 3] = "7".into();
         f[15 - 3] = "3".into();
         f[38 - 3] = "17".into();
+        f[52 - 3] = "52992".into();
         let s = format!("42 (a (b) c) {}", f.join(" "));
         let s = s.as_str();
         let st = Stat::parse(s).unwrap();
@@ -202,12 +215,13 @@ mod tests {
         assert_eq!(st.utime, 7);
         assert_eq!(st.stime, 3);
         assert_eq!(st.exit_signal, 17);
+        assert_eq!(st.exit_code, 0xCF00);
         assert!(!st.is_kernel_thread());
     }
 
     #[test]
     fn status_parses_fields() {
-        let t = "Name:\tx\nState:\tS (sleeping)\nTgid:\t5\nPPid:\t1\nTracerPid:\t9\nUid:\t1000\t1000\t1000\t1000\nVmSize:\t 10 kB\nVmPTE:\t  12 kB\nSigPnd:\t0000000000000100\nShdPnd:\t0000000000000001\nSeccomp:\t2\n";
+        let t = "Name:\tx\nState:\tS (sleeping)\nTgid:\t5\nPPid:\t1\nTracerPid:\t9\nUid:\t1000\t1000\t1000\t1000\nVmSize:\t 10 kB\nVmPTE:\t  12 kB\nSigPnd:\t0000000000000100\nShdPnd:\t0000000000000001\nSeccomp:\t2\nNSpid:\t812\t7\n";
         let s = Status::parse(t);
         assert_eq!(s.name, "x");
         assert_eq!(s.tracer_pid, 9);
@@ -215,6 +229,7 @@ mod tests {
         assert_eq!(s.vm_pte_kb, 12);
         assert_eq!(s.sig_pending, 0x101);
         assert_eq!(s.seccomp, 2);
+        assert_eq!(s.ns_pid, 7);
         assert!(!s.no_mm);
     }
 }
