@@ -435,6 +435,11 @@ fn us(d: Duration) -> u64 {
 
 impl Snapshot {
     /// Takes a snapshot of process `pid`.
+    ///
+    /// On error the target is released. One exception the kernel imposes: a thread that did
+    /// not stop within `opts.stop_timeout` (uninterruptible sleep, `vfork`) cannot be
+    /// detached while it runs; it stays seized, and stops when it leaves its wait, until this
+    /// thread exits. A long-lived caller should retry later or exit.
     pub fn capture(pid: Pid, opts: &Options) -> Result<Snapshot> {
         let process = preflight(pid)?;
         // One coreflect at a time stops a given target; the lock is held until the target
