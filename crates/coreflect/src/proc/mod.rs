@@ -8,7 +8,7 @@ pub mod mem;
 pub mod status;
 
 use crate::error::{Error, Pid, Result};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 pub use maps::{Mapping, MappingKind};
 pub use mem::ProcMem;
@@ -114,11 +114,6 @@ pub fn coredump_filter(pid: Pid) -> u32 {
 /// The executable's path (`/proc/PID/exe`), if readable.
 pub fn exe(pid: Pid) -> Option<PathBuf> {
     std::fs::read_link(path(pid, "exe")).ok()
-}
-
-/// True if a path exists (helper for error messages).
-pub fn exists(p: &Path) -> bool {
-    p.exists()
 }
 
 /// What the core's process-wide notes need to know about the target, read before it is
