@@ -82,9 +82,8 @@ impl Spread {
     }
 }
 
-/// Microseconds as milliseconds, with precision fitted to the size.
-pub fn ms(us: f64) -> String {
-    let m = us / 1000.0;
+/// A number with precision fitted to its size: 2 decimals below 10, 1 below 1000, else 0.
+fn fitted(m: f64) -> String {
     if m < 10.0 {
         format!("{m:.2}")
     } else if m < 1000.0 {
@@ -94,16 +93,14 @@ pub fn ms(us: f64) -> String {
     }
 }
 
+/// Microseconds as milliseconds, with precision fitted to the size.
+pub fn ms(us: f64) -> String {
+    fitted(us / 1000.0)
+}
+
 /// Bytes as MiB, with precision fitted to the size.
 pub fn mib(bytes: f64) -> String {
-    let m = bytes / (1u64 << 20) as f64;
-    if m < 10.0 {
-        format!("{m:.2}")
-    } else if m < 1000.0 {
-        format!("{m:.1}")
-    } else {
-        format!("{m:.0}")
-    }
+    fitted(bytes / (1u64 << 20) as f64)
 }
 
 /// Seconds with 2 or 3 decimals.

@@ -105,22 +105,12 @@ fn wait_free(pid: i32) {
     assert_free(pid);
 }
 
-/// Waits until no `coreflect dump <pid>` process is left (the warden has finished).
+/// Asserts that the warden of a killed coreflect finishes within 10 s.
 fn wait_no_dumper(pid: i32) {
-    let needle = format!("dump\0{pid}\0");
-    for _ in 0..1000 {
-        let running = std::fs::read_dir("/proc").unwrap().any(|e| {
-            let p = e.unwrap().path().join("cmdline");
-            std::fs::read(p)
-                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
-                .unwrap_or(false)
-        });
-        if !running {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("a coreflect process for {pid} is still running 10 s after its parent was killed");
+    assert!(
+        common::wait_no_dumper(pid, Duration::from_secs(10)),
+        "a coreflect process for {pid} is still running 10 s after its parent was killed"
+    );
 }
 
 fn child_states(pid: i32) -> Vec<char> {

@@ -60,25 +60,6 @@ impl Rng {
     }
 }
 
-/// Waits until no `coreflect dump <pid>` process is left; false after `limit`.
-fn wait_no_dumper(pid: i32, limit: Duration) -> bool {
-    let needle = format!("dump\0{pid}\0");
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        let running = std::fs::read_dir("/proc").unwrap().any(|e| {
-            let p = e.unwrap().path().join("cmdline");
-            std::fs::read(p)
-                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
-                .unwrap_or(false)
-        });
-        if !running {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    false
-}
-
 fn live_children(pid: i32) -> Vec<(i32, char)> {
     children(pid)
         .into_iter()

@@ -355,3 +355,23 @@ pub fn spawn_first_line(cmd: &mut Command) -> (Child, String) {
         .unwrap();
     (child, line)
 }
+
+/// Waits until no `coreflect dump <pid>` process is left (the warden of a killed coreflect
+/// finishes its cleanup first); false if one is still there after `limit`.
+pub fn wait_no_dumper(pid: i32, limit: std::time::Duration) -> bool {
+    let needle = format!("dump\0{pid}\0");
+    let end = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < end {
+        let running = std::fs::read_dir("/proc").unwrap().any(|e| {
+            let p = e.unwrap().path().join("cmdline");
+            std::fs::read(p)
+                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                .unwrap_or(false)
+        });
+        if !running {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    false
+}
