@@ -83,6 +83,9 @@ pub struct DumpArgs {
     /// No progress display.
     #[arg(short, long)]
     quiet: bool,
+    /// Read the clone through /proc/PID/mem instead of letting it write its own memory.
+    #[arg(long)]
+    no_direct_write: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -178,6 +181,7 @@ fn dump_in_warden(a: &DumpArgs, pid: i32, output: PathBuf, cancel: Arc<AtomicBoo
             max_pause: a.max_pause,
             cancel: Some(cancel.clone()),
             hook: test_hook(cancel),
+            direct_write: !a.no_direct_write,
         },
         output,
         overwrite: a.overwrite,

@@ -46,7 +46,7 @@ pub fn report_json(r: &DumpReport) -> String {
     let p = &r.pause;
     let warnings: Vec<String> = r.warnings.iter().map(|w| json_str(w)).collect();
     format!(
-        "{{\"pid\":{},\"path\":{},\"mode\":{},\"threads\":{},\"segments\":{},\"pause_us\":{},\"pause\":{{\"stop_us\":{},\"capture_us\":{},\"clone_us\":{},\"release_us\":{},\"estimate_us\":{},\"started_ns\":{}}},\"bytes_written\":{},\"file_size\":{},\"unpopulated_bytes\":{},\"zero_bytes\":{},\"duration_ms\":{},\"warnings\":[{}]}}",
+        "{{\"pid\":{},\"path\":{},\"mode\":{},\"threads\":{},\"segments\":{},\"pause_us\":{},\"pause\":{{\"stop_us\":{},\"capture_us\":{},\"clone_us\":{},\"release_us\":{},\"estimate_us\":{},\"started_ns\":{}}},\"bytes_written\":{},\"file_size\":{},\"unpopulated_bytes\":{},\"zero_bytes\":{},\"written_by_clone\":{},\"duration_ms\":{},\"warnings\":[{}]}}",
         r.pid,
         json_str(&r.path.display().to_string()),
         json_str(r.mode.as_str()),
@@ -63,6 +63,7 @@ pub fn report_json(r: &DumpReport) -> String {
         r.file_size,
         r.unpopulated_bytes,
         r.zero_bytes,
+        r.written_by_clone,
         r.duration_ms,
         warnings.join(",")
     )

@@ -119,3 +119,54 @@ fn pipelined_writer_is_byte_identical_to_the_serial_one() {
     assert!(children(t.pid).is_empty());
     assert_undisturbed(&t.quit());
 }
+
+#[test]
+fn the_clone_writing_its_own_memory_gives_the_same_bytes() {
+    let d = tmpdir("direct");
+    let t = Target::spawn(&[
+        "--heap-mib",
+        "24",
+        "--sparse-reserve-mib",
+        "64",
+        "--sparse-touch-every",
+        "3",
+        "--wipeonfork-kib",
+        "64",
+    ]);
+    let snap = coreflect::Snapshot::capture(t.pid, &coreflect::Options::default()).unwrap();
+    let policy = KernelPolicy::default();
+    let path = d.join("direct.core");
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap();
+    let sd = snap
+        .write_core_file(&file, &policy, &mut |_, _| true)
+        .unwrap();
+    let mut b = StreamSink::new(Vec::new());
+    let sb = write_core_serial(
+        &mut b,
+        &snap.notes(),
+        &snap.plan(&policy),
+        &snap,
+        &mut |_, _| true,
+    )
+    .unwrap();
+    let direct = std::fs::read(&path).unwrap();
+    let serial = b.into_inner();
+    assert_eq!(direct.len(), serial.len());
+    assert!(
+        direct == serial,
+        "the clone's own writes differ from reading it"
+    );
+    assert_eq!(sd.unpopulated_bytes, sb.unpopulated_bytes);
+    assert!(
+        sd.written_by_clone > 24 << 20,
+        "the clone wrote nothing: {sd:?}"
+    );
+    drop(snap);
+    assert!(children(t.pid).is_empty());
+    assert_undisturbed(&t.quit());
+}

@@ -1,7 +1,7 @@
 //! The whole job: snapshot a process, write its core to a file safely, report what
 //! happened.
 
-use crate::elf::writer::{FileSink, Progress};
+use crate::elf::writer::Progress;
 use crate::error::{Error, Pid, Result};
 use crate::output::OutputFile;
 use crate::select::KernelPolicy;
@@ -45,6 +45,8 @@ pub struct DumpReport {
     pub unpopulated_bytes: u64,
     /// Bytes left as holes because they read as zeros.
     pub zero_bytes: u64,
+    /// Bytes the clone wrote into the core itself (direct writing).
+    pub written_by_clone: u64,
     /// Wall time of the whole dump, in milliseconds.
     pub duration_ms: u64,
     /// Problems that did not stop the dump.
@@ -74,7 +76,7 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
                 .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst))
     };
     let stats = snap
-        .write_core(&mut FileSink::new(out.file()), &policy, &mut prog)
+        .write_core_file(out.file(), &policy, &mut prog)
         .map_err(|e| match e {
             Error::Io { what, source } if source.raw_os_error() == Some(libc::ENOSPC) => {
                 Error::Output {
@@ -138,6 +140,7 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
         file_size: stats.file_size,
         unpopulated_bytes: stats.unpopulated_bytes,
         zero_bytes: stats.zero_bytes,
+        written_by_clone: stats.written_by_clone,
         duration_ms: t0.elapsed().as_millis() as u64,
         warnings,
     })

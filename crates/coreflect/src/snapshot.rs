@@ -89,6 +89,9 @@ pub struct Options {
     pub cancel: Option<Arc<AtomicBool>>,
     /// Called at each phase.
     pub hook: Option<PhaseHook>,
+    /// Let the clone write its own memory into a core file (see [`crate::direct`]) when it
+    /// can; otherwise (and always for streams) it is read through `/proc/CLONE/mem`.
+    pub direct_write: bool,
 }
 
 impl Default for Options {
@@ -99,6 +102,7 @@ impl Default for Options {
             max_pause: None,
             cancel: None,
             hook: None,
+            direct_write: true,
         }
     }
 }
@@ -173,6 +177,8 @@ struct CloneGuard {
     clone: Pid,
     /// The clone's pid in the target's pid namespace (what `wait4` there needs).
     clone_ns: Pid,
+    /// The `syscall` instruction the clone's registers point at.
+    insn: u64,
     options: u32,
     hook: Option<PhaseHookDebug>,
 }
@@ -269,6 +275,7 @@ pub struct Snapshot {
     clone: Option<CloneGuard>,
     stopped: Option<StoppedProcess>,
     _lock: Option<TargetLock>,
+    direct_write: bool,
     stopped_at: Instant,
     pause: PauseBreakdown,
     warnings: Vec<String>,
@@ -568,6 +575,7 @@ impl Snapshot {
                         target_start: process.stat.start_time,
                         clone: c,
                         clone_ns: c,
+                        insn: insn.unwrap_or(0),
                         options: extra_opts,
                         hook: opts.hook.clone().map(PhaseHookDebug),
                     });
@@ -634,6 +642,7 @@ impl Snapshot {
             clone,
             stopped,
             _lock: lock,
+            direct_write: opts.direct_write,
             stopped_at: t0,
             pause,
             warnings,
@@ -752,6 +761,56 @@ impl Snapshot {
         let segs = self.plan(policy);
         let notes = self.notes();
         writer::write_core(sink, &notes, &segs, self, progress)
+    }
+
+    /// Writes a complete ELF core of the snapshot into `file` (new or empty). In reflect
+    /// mode, on the capturing thread, the clone writes its own memory when it can (see
+    /// [`crate::direct`]); otherwise as [`Snapshot::write_core`] with a sparse-file sink.
+    pub fn write_core_file(
+        &self,
+        file: &std::fs::File,
+        policy: &dyn RegionPolicy,
+        progress: &mut dyn Progress,
+    ) -> Result<WriteStats> {
+        let segs = self.plan(policy);
+        let notes = self.notes();
+        let direct = self
+            .clone
+            .as_ref()
+            .filter(|_| self.direct_write)
+            .and_then(|c| {
+                crate::direct::DirectWriter::setup(
+                    c.clone,
+                    c.insn,
+                    file,
+                    self.process.status.seccomp,
+                )
+            });
+        let st = match &direct {
+            Some(d) => writer::write_core_direct(file, &notes, &segs, self, d, progress)?,
+            None => {
+                let mut sink = writer::FileSink::new(file);
+                writer::write_core(&mut sink, &notes, &segs, self, progress)?
+            }
+        };
+        self.check_image_alive()?;
+        Ok(st)
+    }
+
+    /// Fails if the clone died while the core was being written (the OOM killer picks it
+    /// first, by design): its memory could not all be read, so the core is not complete.
+    pub fn check_image_alive(&self) -> Result<()> {
+        let Some(c) = &self.clone else { return Ok(()) };
+        match proc::Stat::read(c.clone) {
+            Ok(st) if matches!(st.state, 't' | 'T') => Ok(()),
+            _ => Err(Error::io(
+                format!("writing the core of pid {}", self.pid),
+                std::io::Error::other(format!(
+                    "the clone {} was killed before its memory was all read (out of memory?); the core was not kept",
+                    c.clone
+                )),
+            )),
+        }
     }
 
     /// Sends the clone SIGKILL without waiting for it: its address space is torn down on

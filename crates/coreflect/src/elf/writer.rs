@@ -163,6 +163,8 @@ pub struct WriteStats {
     pub zero_bytes: u64,
     /// Ranges that could not be read (left as holes).
     pub unreadable: Vec<Unreadable>,
+    /// Bytes the clone wrote itself (direct writing).
+    pub written_by_clone: u64,
 }
 
 /// The size of one read.
@@ -559,4 +561,111 @@ pub fn is_zero(b: &[u8]) -> bool {
     // SAFETY: u64 has no invalid bit patterns; align_to splits off unaligned ends.
     let (pre, mid, post) = unsafe { b.align_to::<u64>() };
     pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
+}
+
+/// Writes a whole core into `file`, the clone writing its own memory (see
+/// [`crate::direct`]): one copy per page instead of three. Ranges the clone cannot write —
+/// memory read from the live target, pages it cannot read — go the usual way through `mem`.
+/// The file's bytes are the same as [`write_core`]'s (zero pages are written rather than
+/// left as holes).
+pub fn write_core_direct(
+    file: &File,
+    notes: &[u8],
+    segs: &[SegmentPlan],
+    mem: &dyn MemoryReader,
+    direct: &crate::direct::DirectWriter,
+    progress: &mut dyn Progress,
+) -> Result<WriteStats> {
+    let page = crate::page_size();
+    let lay = layout(notes.len() as u64, segs, page);
+    let mut sink = FileSink::new(file);
+    let mut st = WriteStats::default();
+    let mut pos = write_head(&mut sink, &lay, notes, &mut st).map_err(out_err)?;
+    let total: u64 = segs.iter().map(|s| s.filesz).sum();
+    let mut done = 0u64;
+    let mut pm = vec![0u64; CHUNK / page as usize];
+    let mut buf = Vec::with_capacity(CHUNK);
+    let mut pbuf = vec![0u8; page as usize];
+    for (s, &off) in segs.iter().zip(&lay.data_offsets) {
+        if s.filesz == 0 {
+            continue;
+        }
+        if s.source == Source::Live {
+            let mut a = 0;
+            while a < s.filesz {
+                let n = (s.filesz - a).min(CHUNK as u64) as usize;
+                let c = fill_chunk(mem, s, s.vaddr + a, n, off + a, buf, &mut pm);
+                emit_chunk(&mut sink, &c, &mut pos, &mut st).map_err(out_err)?;
+                buf = c.buf;
+                a += n as u64;
+                done += n as u64;
+                if !progress.update(done, total) {
+                    return Err(Error::Cancelled);
+                }
+            }
+            continue;
+        }
+        // Runs of populated pages, written by the clone; holes elsewhere.
+        let mut flush = |from: u64, to: u64, st: &mut WriteStats| -> Result<()> {
+            let mut at = from;
+            while at < to {
+                let len = (to - at).min(1 << 30);
+                match direct.pwrite(at, len, off + (at - s.vaddr)) {
+                    Ok(w) if w > 0 => {
+                        st.bytes_written += w;
+                        st.written_by_clone += w;
+                        at += w;
+                    }
+                    _ => {
+                        // The clone cannot read this page: read it the usual way.
+                        let pa = at & !(page - 1);
+                        let skip = (at - pa) as usize;
+                        let got = mem.read_at(s.source, pa, &mut pbuf).unwrap_or(0);
+                        if got == pbuf.len() {
+                            file.write_all_at(&pbuf[skip..], off + (at - s.vaddr))
+                                .map_err(out_err)?;
+                            st.bytes_written += (pbuf.len() - skip) as u64;
+                        } else {
+                            let e = io::Error::from_raw_os_error(libc::EIO);
+                            note_unreadable(st, s, pa, page, &e);
+                        }
+                        at = pa + page;
+                    }
+                }
+            }
+            Ok(())
+        };
+        let mut run: Option<u64> = None;
+        let mut a = 0;
+        while a < s.filesz {
+            let n = (s.filesz - a).min(CHUNK as u64);
+            let pages = (n / page) as usize;
+            let present = &mut pm[..pages];
+            if !(s.sparse && mem.pagemap(s.source, s.vaddr + a, present)) {
+                present.fill(PM_PRESENT);
+            }
+            for (k, e) in present.iter().enumerate() {
+                let addr = s.vaddr + a + k as u64 * page;
+                if e & (PM_PRESENT | PM_SWAPPED) != 0 {
+                    run.get_or_insert(addr);
+                } else {
+                    st.unpopulated_bytes += page;
+                    if let Some(r) = run.take() {
+                        flush(r, addr, &mut st)?;
+                    }
+                }
+            }
+            a += n;
+            done += n;
+            if !progress.update(done, total) {
+                return Err(Error::Cancelled);
+            }
+        }
+        if let Some(r) = run.take() {
+            flush(r, s.vaddr + s.filesz, &mut st)?;
+        }
+    }
+    file.set_len(lay.total_len).map_err(out_err)?;
+    st.file_size = lay.total_len;
+    Ok(st)
 }

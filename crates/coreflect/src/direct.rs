@@ -1,0 +1,302 @@
+//! Direct writing: the clone writes its own memory into the core file.
+//!
+//! Reading the clone through `/proc/CLONE/mem` costs two kernel copies per page (into a
+//! bounce page, then to us) and a page-table walk per 4 KiB, before our own write copies the
+//! data a third time. A `pwrite64` injected into the clone copies its memory into the page
+//! cache once. The clone never runs user code for this: each write is one injected syscall,
+//! like the `clone` itself.
+//!
+//! Setting it up takes a few injected syscalls in the clone, none in the target:
+//! `unshare(CLONE_FILES)` first (the clone was created sharing the target's fd table) and
+//! `close_range` (so it holds none of the target's files), a scratch page, a Unix socket
+//! connected to us over which it receives the core's file descriptor (`SCM_RIGHTS`), then
+//! the scratch page and socket go. Page cache the clone writes is charged to its memory
+//! cgroup — the target's — so the clone is moved into coreflect's own memory cgroup first;
+//! where that is not possible (not root), or the target runs under seccomp, direct writing
+//! is not used and the writer reads `/proc/CLONE/mem` as before.
+
+use crate::arch::x86_64::Regs;
+use crate::error::{Error, Pid, Result};
+use crate::inject;
+use crate::ptrace;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::time::Duration;
+
+const SYS_MMAP: u64 = 9;
+const SYS_MUNMAP: u64 = 11;
+const SYS_CLOSE: u64 = 3;
+const SYS_PWRITE64: u64 = 18;
+const SYS_SOCKET: u64 = 41;
+const SYS_CONNECT: u64 = 42;
+const SYS_RECVMSG: u64 = 47;
+const SYS_UNSHARE: u64 = 272;
+const SYS_CLOSE_RANGE: u64 = 436;
+
+/// A clone set up to write its memory into the core file.
+#[derive(Debug)]
+pub struct DirectWriter {
+    clone: Pid,
+    insn: u64,
+    saved: Regs,
+    fd: u64,
+}
+
+fn cgroup_lines(pid: &str) -> Vec<(String, String)> {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.splitn(3, ':');
+            let (_, ctrl, path) = (it.next()?, it.next()?, it.next()?);
+            Some((ctrl.to_string(), path.to_string()))
+        })
+        .collect()
+}
+
+/// Puts the clone into coreflect's memory cgroup (v1 `memory` and v2), so the page cache
+/// it writes is not charged to the target's.
+fn adopt_into_our_memcg(clone: Pid) -> bool {
+    let ours = cgroup_lines("self");
+    let theirs = cgroup_lines(&clone.to_string());
+    for (ctrl, path) in &ours {
+        let dir = if ctrl.split(',').any(|c| c == "memory") {
+            format!("/sys/fs/cgroup/memory{path}")
+        } else if ctrl.is_empty() {
+            let v2 = if std::path::Path::new("/sys/fs/cgroup/unified").is_dir() {
+                "/sys/fs/cgroup/unified"
+            } else {
+                "/sys/fs/cgroup"
+            };
+            format!("{v2}{path}")
+        } else {
+            continue;
+        };
+        if theirs.iter().any(|(c, p)| c == ctrl && p == path) {
+            continue; // already the same
+        }
+        if std::fs::write(format!("{dir}/cgroup.procs"), clone.to_string()).is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+impl DirectWriter {
+    fn syscall(&self, nr: u64, args: [u64; 6]) -> Result<i64> {
+        let r = inject::inject_syscall(
+            self.clone,
+            &self.saved,
+            !0,
+            self.insn,
+            nr,
+            args,
+            ptrace::O_EXITKILL,
+            Duration::from_secs(10),
+            &mut |_| Ok(()),
+            &mut || Ok(()),
+        );
+        // Whatever happened, the clone stays killable with its tracer.
+        let _ = ptrace::set_options(self.clone, ptrace::O_EXITKILL);
+        Ok(r?.ret)
+    }
+
+    /// Sets up `clone` (stopped, traced by this thread, registers at `exit_group` on the
+    /// `syscall` instruction `insn`) to write into `file`. `None` when direct writing cannot
+    /// be used here; the clone is then left as it was, or at worst without its file table.
+    pub fn setup(clone: Pid, insn: u64, file: &File, target_seccomp: u32) -> Option<DirectWriter> {
+        if target_seccomp != 0 {
+            return None; // the filter is inherited and may kill on any of these
+        }
+        let saved = ptrace::get_regs(clone).ok()?; // fails unless we are its tracer
+        if !adopt_into_our_memcg(clone) {
+            return None;
+        }
+        let mut w = DirectWriter {
+            clone,
+            insn,
+            saved,
+            fd: 0,
+        };
+        // Its own file table first: until then it shares the target's.
+        if w.syscall(SYS_UNSHARE, [0x400, 0, 0, 0, 0, 0]).ok()? != 0 {
+            return None;
+        }
+        if w.syscall(SYS_CLOSE_RANGE, [0, u32::MAX as u64, 0, 0, 0, 0])
+            .ok()?
+            != 0
+        {
+            return None;
+        }
+        let fd = w.receive_fd(file).ok().flatten()?;
+        w.fd = fd;
+        Some(w)
+    }
+
+    /// Passes `file` to the clone over a Unix socket; returns its number there.
+    fn receive_fd(&self, file: &File) -> Result<Option<u64>> {
+        let scratch = self.syscall(SYS_MMAP, [0, 4096, 3, 0x22, u64::MAX, 0])?;
+        if scratch < 0 {
+            return Ok(None);
+        }
+        let scratch = scratch as u64;
+        let r = self.receive_fd_with(file, scratch);
+        let _ = self.syscall(SYS_MUNMAP, [scratch, 4096, 0, 0, 0, 0]);
+        r
+    }
+
+    fn receive_fd_with(&self, file: &File, scratch: u64) -> Result<Option<u64>> {
+        let mem = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{}/mem", self.clone))
+            .map_err(|e| Error::io("opening the clone's memory", e))?;
+        // Our end: a listening socket in the abstract namespace.
+        let name = format!("coreflect/fd/{}/{}", std::process::id(), self.clone);
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (i, b) in name.bytes().enumerate() {
+            addr.sun_path[i + 1] = b as libc::c_char;
+        }
+        let alen = (std::mem::size_of::<libc::sa_family_t>() + 1 + name.len()) as u64;
+        let lfd = unsafe {
+            libc::socket(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                0,
+            )
+        };
+        if lfd < 0 {
+            return Ok(None);
+        }
+        let _close_l = CloseOnDrop(lfd);
+        if unsafe { libc::bind(lfd, &addr as *const _ as *const libc::sockaddr, alen as u32) } != 0
+            || unsafe { libc::listen(lfd, 1) } != 0
+        {
+            return Ok(None);
+        }
+        // Its end: socket + connect, the address in the scratch page.
+        let abytes =
+            unsafe { std::slice::from_raw_parts(&addr as *const _ as *const u8, alen as usize) };
+        mem.write_all_at(abytes, scratch)
+            .map_err(|e| Error::io("writing into the clone's scratch page", e))?;
+        let sfd = self.syscall(SYS_SOCKET, [1, 1, 0, 0, 0, 0])?;
+        if sfd < 0 {
+            return Ok(None);
+        }
+        let sfd = sfd as u64;
+        let result = (|| -> Result<Option<u64>> {
+            if self.syscall(SYS_CONNECT, [sfd, scratch, alen, 0, 0, 0])? != 0 {
+                return Ok(None);
+            }
+            let conn = unsafe {
+                libc::accept4(
+                    lfd,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            if conn < 0 {
+                return Ok(None);
+            }
+            let _close_c = CloseOnDrop(conn);
+            // Only the clone may be at the other end.
+            let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+            let mut clen = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+            let ok = unsafe {
+                libc::getsockopt(
+                    conn,
+                    libc::SOL_SOCKET,
+                    libc::SO_PEERCRED,
+                    &mut cred as *mut _ as *mut libc::c_void,
+                    &mut clen,
+                )
+            } == 0;
+            if !ok || cred.pid != self.clone {
+                return Ok(None);
+            }
+            if !send_fd(conn, file.as_raw_fd()) {
+                return Ok(None);
+            }
+            // Its recvmsg: msghdr at +0, iovec at +64, 1-byte buffer at +96, cmsg at +128.
+            let (msg_at, iov_at, buf_at, cmsg_at) =
+                (scratch, scratch + 64, scratch + 96, scratch + 128);
+            let cmsg_len = unsafe { libc::CMSG_SPACE(4) } as u64;
+            let mut b = vec![0u8; 256];
+            let put = |b: &mut Vec<u8>, at: u64, v: u64| {
+                let o = (at - scratch) as usize;
+                b[o..o + 8].copy_from_slice(&v.to_le_bytes());
+            };
+            put(&mut b, msg_at + 16, iov_at); // msg_iov
+            put(&mut b, msg_at + 24, 1); // msg_iovlen
+            put(&mut b, msg_at + 32, cmsg_at); // msg_control
+            put(&mut b, msg_at + 40, cmsg_len); // msg_controllen
+            put(&mut b, iov_at, buf_at); // iov_base
+            put(&mut b, iov_at + 8, 1); // iov_len
+            mem.write_all_at(&b, scratch)
+                .map_err(|e| Error::io("writing into the clone's scratch page", e))?;
+            if self.syscall(SYS_RECVMSG, [sfd, msg_at, 0, 0, 0, 0])? != 1 {
+                return Ok(None);
+            }
+            let mut c = [0u8; 20];
+            mem.read_exact_at(&mut c, cmsg_at)
+                .map_err(|e| Error::io("reading the clone's scratch page", e))?;
+            // struct cmsghdr { u64 len; i32 level; i32 type; } then the fd.
+            let level = i32::from_le_bytes(c[8..12].try_into().unwrap());
+            let ty = i32::from_le_bytes(c[12..16].try_into().unwrap());
+            if level != libc::SOL_SOCKET || ty != libc::SCM_RIGHTS {
+                return Ok(None);
+            }
+            Ok(Some(
+                i32::from_le_bytes(c[16..20].try_into().unwrap()) as u64
+            ))
+        })();
+        let _ = self.syscall(SYS_CLOSE, [sfd, 0, 0, 0, 0, 0]);
+        result
+    }
+
+    /// Makes the clone write `len` bytes of its memory at `addr` to the core at `offset`;
+    /// returns how many it wrote (short at an unreadable page).
+    pub fn pwrite(&self, addr: u64, len: u64, offset: u64) -> Result<u64> {
+        let r = self.syscall(SYS_PWRITE64, [self.fd, addr, len, offset, 0, 0])?;
+        if r < 0 {
+            return Err(Error::io(
+                "the clone writing its memory",
+                std::io::Error::from_raw_os_error((-r) as i32),
+            ));
+        }
+        Ok(r as u64)
+    }
+}
+
+struct CloseOnDrop(libc::c_int);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        unsafe { libc::close(self.0) };
+    }
+}
+
+fn send_fd(sock: libc::c_int, fd: libc::c_int) -> bool {
+    unsafe {
+        let mut byte = [0u8; 1];
+        let mut iov = libc::iovec {
+            iov_base: byte.as_mut_ptr() as *mut libc::c_void,
+            iov_len: 1,
+        };
+        let mut cbuf = [0u8; 64];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
+        std::ptr::copy_nonoverlapping(&fd as *const _ as *const u8, libc::CMSG_DATA(c), 4);
+        libc::sendmsg(sock, &msg, 0) == 1
+    }
+}
