@@ -170,3 +170,46 @@ fn the_clone_writing_its_own_memory_gives_the_same_bytes() {
     assert!(children(t.pid).is_empty());
     assert_undisturbed(&t.quit());
 }
+
+/// The memory cgroup directory of a process (cgroup v1 `memory` or v2), if mounted here.
+fn memcg_dir(pid: &str) -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    for l in text.lines() {
+        let mut it = l.splitn(3, ':');
+        let (_, ctrl, path) = (it.next()?, it.next()?, it.next()?);
+        if ctrl.split(',').any(|c| c == "memory") {
+            return Some(format!("/sys/fs/cgroup/memory{path}").into());
+        }
+    }
+    None
+}
+
+#[test]
+fn the_clone_leaves_the_targets_cgroup_before_writing() {
+    if !is_root() {
+        eprintln!("skipped: needs root to make a cgroup");
+        return;
+    }
+    let Some(ours) = memcg_dir("self") else {
+        eprintln!("skipped: no cgroup v1 memory hierarchy here");
+        return;
+    };
+    let theirs = ours.join(format!("coreflect-test-{}", std::process::id()));
+    if std::fs::create_dir(&theirs).is_err() {
+        eprintln!("skipped: cannot create {}", theirs.display());
+        return;
+    }
+    let d = tmpdir("cgroup");
+    let t = Target::spawn(&["--heap-mib", "8"]);
+    std::fs::write(theirs.join("cgroup.procs"), t.pid.to_string()).unwrap();
+    let json = dump(t.pid, &d.join("c.core"), &[]);
+    // The clone wrote its memory: it could be moved out of the target's cgroup.
+    assert!(json.num("written_by_clone") > 8 << 20, "{}", json.0);
+    assert_eq!(
+        memcg_dir(&t.pid.to_string()).as_deref(),
+        Some(theirs.as_path())
+    );
+    assert!(children(t.pid).is_empty());
+    assert_undisturbed(&t.quit());
+    let _ = std::fs::remove_dir(&theirs);
+}

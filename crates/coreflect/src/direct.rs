@@ -10,10 +10,11 @@
 //! `unshare(CLONE_FILES)` first (the clone was created sharing the target's fd table) and
 //! `close_range` (so it holds none of the target's files), a scratch page, a Unix socket
 //! connected to us over which it receives the core's file descriptor (`SCM_RIGHTS`), then
-//! the scratch page and socket go. Page cache the clone writes is charged to its memory
-//! cgroup — the target's — so the clone is moved into coreflect's own memory cgroup first;
-//! where that is not possible (not root), or the target runs under seccomp, direct writing
-//! is not used and the writer reads `/proc/CLONE/mem` as before.
+//! the scratch page and socket go. The page cache, CPU time and I/O of the clone's writes
+//! would be charged to its cgroups — the target's, with the target's limits — so the clone
+//! is moved into coreflect's own cgroups first; where that is not possible (not root), or
+//! the target runs under seccomp, direct writing is not used and the writer reads
+//! `/proc/CLONE/mem` as before.
 
 use crate::arch::x86_64::Regs;
 use crate::error::{Error, Pid, Result};
@@ -55,28 +56,31 @@ fn cgroup_lines(pid: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Puts the clone into coreflect's memory cgroup (v1 `memory` and v2), so the page cache
-/// it writes is not charged to the target's.
-fn adopt_into_our_memcg(clone: Pid) -> bool {
+/// Puts the clone into coreflect's own cgroups (every v1 hierarchy, and v2), so the page
+/// cache, CPU time and I/O of its writes are not charged to the target's limits. False if
+/// that fails for memory, CPU or I/O.
+fn adopt_into_our_cgroups(clone: Pid) -> bool {
     let ours = cgroup_lines("self");
     let theirs = cgroup_lines(&clone.to_string());
     for (ctrl, path) in &ours {
-        let dir = if ctrl.split(',').any(|c| c == "memory") {
-            format!("/sys/fs/cgroup/memory{path}")
-        } else if ctrl.is_empty() {
+        if theirs.iter().any(|(c, p)| c == ctrl && p == path) {
+            continue; // already the same
+        }
+        let (dir, vital) = if ctrl.is_empty() {
             let v2 = if std::path::Path::new("/sys/fs/cgroup/unified").is_dir() {
                 "/sys/fs/cgroup/unified"
             } else {
                 "/sys/fs/cgroup"
             };
-            format!("{v2}{path}")
+            (format!("{v2}{path}"), true)
         } else {
-            continue;
+            let name = ctrl.strip_prefix("name=").unwrap_or(ctrl);
+            let vital = ctrl
+                .split(',')
+                .any(|c| matches!(c, "memory" | "cpu" | "cpuacct" | "blkio" | "io"));
+            (format!("/sys/fs/cgroup/{name}{path}"), vital)
         };
-        if theirs.iter().any(|(c, p)| c == ctrl && p == path) {
-            continue; // already the same
-        }
-        if std::fs::write(format!("{dir}/cgroup.procs"), clone.to_string()).is_err() {
+        if std::fs::write(format!("{dir}/cgroup.procs"), clone.to_string()).is_err() && vital {
             return false;
         }
     }
@@ -110,7 +114,7 @@ impl DirectWriter {
             return None; // the filter is inherited and may kill on any of these
         }
         let saved = ptrace::get_regs(clone).ok()?; // fails unless we are its tracer
-        if !adopt_into_our_memcg(clone) {
+        if !adopt_into_our_cgroups(clone) {
             return None;
         }
         let mut w = DirectWriter {
