@@ -42,6 +42,37 @@ pub struct DirectWriter {
     insn: u64,
     saved: Regs,
     fd: u64,
+    rseq: Option<(u64, Vec<u8>)>,
+}
+
+/// The clone's registered rseq area and its bytes as the snapshot holds them. Each injected
+/// syscall takes the clone through the kernel's return-to-user path, which refreshes the
+/// area (`cpu_id`…); the writer puts the original bytes back into the core.
+fn rseq_area(clone: Pid) -> Option<(u64, Vec<u8>)> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct Config {
+        ptr: u64,
+        size: u32,
+        sig: u32,
+        flags: u32,
+        pad: u32,
+    }
+    let mut cfg = Config::default();
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GET_RSEQ_CONFIGURATION,
+            clone,
+            std::mem::size_of::<Config>(),
+            &mut cfg as *mut Config,
+        )
+    };
+    if r <= 0 || cfg.ptr == 0 {
+        return None;
+    }
+    let mem = crate::proc::ProcMem::open(clone).ok()?;
+    let mut b = vec![0u8; (cfg.size as usize).clamp(32, 256)];
+    (mem.read_at(cfg.ptr, &mut b).ok()? == b.len()).then_some((cfg.ptr, b))
 }
 
 fn cgroup_lines(pid: &str) -> Vec<(String, String)> {
@@ -114,6 +145,7 @@ impl DirectWriter {
             return None; // the filter is inherited and may kill on any of these
         }
         let saved = ptrace::get_regs(clone).ok()?; // fails unless we are its tracer
+        let rseq = rseq_area(clone);
         if !adopt_into_our_cgroups(clone) {
             return None;
         }
@@ -122,6 +154,7 @@ impl DirectWriter {
             insn,
             saved,
             fd: 0,
+            rseq,
         };
         // Its own file table first: until then it shares the target's.
         if w.syscall(SYS_UNSHARE, [0x400, 0, 0, 0, 0, 0]).ok()? != 0 {
@@ -259,6 +292,11 @@ impl DirectWriter {
         })();
         let _ = self.syscall(SYS_CLOSE, [sfd, 0, 0, 0, 0, 0]);
         result
+    }
+
+    /// The clone's rseq area (address, bytes) as the snapshot holds it, if it has one.
+    pub fn rseq_original(&self) -> Option<(u64, &[u8])> {
+        self.rseq.as_ref().map(|(a, b)| (*a, b.as_slice()))
     }
 
     /// Makes the clone write `len` bytes of its memory at `addr` to the core at `offset`;

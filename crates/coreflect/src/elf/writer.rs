@@ -665,6 +665,17 @@ pub fn write_core_direct(
             flush(r, s.vaddr + s.filesz, &mut st)?;
         }
     }
+    // The kernel refreshed the clone's rseq area on each injected syscall: put back the
+    // bytes the snapshot holds.
+    if let Some((addr, bytes)) = direct.rseq_original() {
+        let end = addr + bytes.len() as u64;
+        for (s, &off) in segs.iter().zip(&lay.data_offsets) {
+            if s.source == Source::Image && addr >= s.vaddr && end <= s.vaddr + s.filesz {
+                file.write_all_at(bytes, off + (addr - s.vaddr))
+                    .map_err(out_err)?;
+            }
+        }
+    }
     file.set_len(lay.total_len).map_err(out_err)?;
     st.file_size = lay.total_len;
     Ok(st)
