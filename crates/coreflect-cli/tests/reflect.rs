@@ -404,13 +404,9 @@ fn signals_sent_during_the_pause_are_delivered_once() {
     assert!(children(t.pid).is_empty());
     let stats = t.quit();
     assert_eq!(stats["sigchld"], 1, "{stats:?}");
-    for k in [
-        "read_eintr",
-        "read_bad",
-        "short_sleep",
-        "sleep_err",
-        "waitpid_children",
-    ] {
+    // (The handler may legitimately cut a nanosleep or a pause() short — the kernel's rule
+    // for a handled signal — but a read() under SA_RESTART restarts.)
+    for k in ["read_eintr", "read_bad", "short_sleep", "waitpid_children"] {
         assert_eq!(stats[k], 0, "{k}: {stats:?}");
     }
 }
