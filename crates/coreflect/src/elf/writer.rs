@@ -263,10 +263,75 @@ impl<F: FnMut(u64, u64) -> bool> Progress for F {
     }
 }
 
+/// A [`CHUNK`]-sized buffer mapped straight from the kernel and unmapped when dropped, so
+/// the writer's memory comes and goes with each core (the allocator would keep 8 MiB
+/// blocks once it has raised its mmap threshold).
+pub struct ChunkBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the buffer is plain memory owned by this value.
+unsafe impl Send for ChunkBuf {}
+
+impl ChunkBuf {
+    /// A zeroed buffer of [`CHUNK`] bytes.
+    pub fn new() -> ChunkBuf {
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                CHUNK,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert!(p != libc::MAP_FAILED, "cannot map an {CHUNK}-byte write buffer");
+        ChunkBuf {
+            ptr: p as *mut u8,
+            len: CHUNK,
+        }
+    }
+}
+
+impl Default for ChunkBuf {
+    fn default() -> Self {
+        ChunkBuf::new()
+    }
+}
+
+impl std::fmt::Debug for ChunkBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChunkBuf({} bytes)", self.len)
+    }
+}
+
+impl std::ops::Deref for ChunkBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is a live mapping of len bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for ChunkBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, uniquely borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for ChunkBuf {
+    fn drop(&mut self) {
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
+}
+
 /// One chunk of a segment, read and classified, ready to be written.
 #[derive(Debug)]
 struct Chunk {
-    buf: Vec<u8>,
+    buf: ChunkBuf,
     /// File offset of the chunk's first byte.
     offset: u64,
     len: usize,
@@ -298,12 +363,11 @@ fn fill_chunk(
     addr: u64,
     len: usize,
     offset: u64,
-    mut buf: Vec<u8>,
+    mut buf: ChunkBuf,
     pm: &mut Vec<u64>,
 ) -> Chunk {
     let page = crate::page_size() as usize;
     let pages = len / page;
-    buf.resize(len.max(buf.len()), 0);
     pm.resize(pages.max(pm.len()), 0);
     let present = &mut pm[..pages];
     if !(s.sparse && mem.pagemap(s.source, addr, present)) {
@@ -435,11 +499,11 @@ pub fn write_core(
         let (full_tx, full_rx) = sync_channel::<(usize, usize, Chunk)>(READERS * PER_READER);
         // Each reader has its own buffers, so the reader holding the next chunk in file
         // order can always go on (no deadlock on a shared pool).
-        let mut free: Vec<Sender<Vec<u8>>> = Vec::new();
+        let mut free: Vec<Sender<ChunkBuf>> = Vec::new();
         for r in 0..READERS {
-            let (free_tx, free_rx) = channel::<Vec<u8>>();
+            let (free_tx, free_rx) = channel::<ChunkBuf>();
             for _ in 0..PER_READER {
-                let _ = free_tx.send(Vec::with_capacity(CHUNK));
+                let _ = free_tx.send(ChunkBuf::new());
             }
             free.push(free_tx);
             let full_tx = full_tx.clone();
@@ -492,7 +556,7 @@ pub fn write_core_serial(
     let mut pos = write_head(sink, &lay, notes, &mut st).map_err(out_err)?;
     let total: u64 = segs.iter().map(|s| s.filesz).sum();
     let mut done = 0u64;
-    let mut buf = Vec::with_capacity(CHUNK);
+    let mut buf = ChunkBuf::new();
     let mut pm = Vec::new();
     for (i, addr, len, off) in chunk_list(segs, &lay) {
         let c = fill_chunk(mem, &segs[i], addr, len, off, buf, &mut pm);
@@ -584,7 +648,7 @@ pub fn write_core_direct(
     let total: u64 = segs.iter().map(|s| s.filesz).sum();
     let mut done = 0u64;
     let mut pm = vec![0u64; CHUNK / page as usize];
-    let mut buf = Vec::with_capacity(CHUNK);
+    let mut buf = ChunkBuf::new();
     let mut pbuf = vec![0u8; page as usize];
     for (s, &off) in segs.iter().zip(&lay.data_offsets) {
         if s.filesz == 0 {
