@@ -287,7 +287,10 @@ impl ChunkBuf {
                 0,
             )
         };
-        assert!(p != libc::MAP_FAILED, "cannot map an {CHUNK}-byte write buffer");
+        assert!(
+            p != libc::MAP_FAILED,
+            "cannot map an {CHUNK}-byte write buffer"
+        );
         ChunkBuf {
             ptr: p as *mut u8,
             len: CHUNK,
