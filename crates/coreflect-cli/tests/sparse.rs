@@ -88,41 +88,11 @@ fn file_backed_headers_and_data_are_kept() {
     assert_undisturbed(&t.quit());
 }
 
+/// The three ways to write a core — serial reads, pipelined reads, the clone writing its
+/// own memory — give the same bytes.
 #[test]
-fn pipelined_writer_is_byte_identical_to_the_serial_one() {
-    let t = Target::spawn(&[
-        "--heap-mib",
-        "24",
-        "--sparse-reserve-mib",
-        "64",
-        "--sparse-touch-every",
-        "3",
-    ]);
-    let snap = coreflect::Snapshot::capture(t.pid, &coreflect::Options::default()).unwrap();
-    let policy = KernelPolicy::default();
-    let segs = snap.plan(&policy);
-    let notes = snap.notes();
-    let mut a = StreamSink::new(Vec::new());
-    let sa = write_core(&mut a, &notes, &segs, &snap, &mut |_, _| true).unwrap();
-    let mut b = StreamSink::new(Vec::new());
-    let sb = write_core_serial(&mut b, &notes, &segs, &snap, &mut |_, _| true).unwrap();
-    let (a, b) = (a.into_inner(), b.into_inner());
-    assert_eq!(a.len(), b.len());
-    assert!(a == b, "the pipelined core differs from the serial one");
-    assert_eq!(sa.bytes_written, sb.bytes_written);
-    assert_eq!(sa.unpopulated_bytes, sb.unpopulated_bytes);
-    assert!(
-        sa.unpopulated_bytes > 0,
-        "the sparse region was not skipped"
-    );
-    drop(snap);
-    assert!(children(t.pid).is_empty());
-    assert_undisturbed(&t.quit());
-}
-
-#[test]
-fn the_clone_writing_its_own_memory_gives_the_same_bytes() {
-    let d = tmpdir("direct");
+fn the_three_writers_give_the_same_bytes() {
+    let d = tmpdir("writers");
     let t = Target::spawn(&[
         "--heap-mib",
         "24",
@@ -135,16 +105,13 @@ fn the_clone_writing_its_own_memory_gives_the_same_bytes() {
     ]);
     let snap = coreflect::Snapshot::capture(t.pid, &coreflect::Options::default()).unwrap();
     let policy = KernelPolicy::default();
-    // Reading first (it leaves the clone untouched), then the clone writing itself.
+    let segs = snap.plan(&policy);
+    let notes = snap.notes();
+    // Reading first (it leaves the clone untouched), the clone writing itself last.
+    let mut a = StreamSink::new(Vec::new());
+    let sa = write_core(&mut a, &notes, &segs, &snap, &mut |_, _| true).unwrap();
     let mut b = StreamSink::new(Vec::new());
-    let sb = write_core_serial(
-        &mut b,
-        &snap.notes(),
-        &snap.plan(&policy),
-        &snap,
-        &mut |_, _| true,
-    )
-    .unwrap();
+    let sb = write_core_serial(&mut b, &notes, &segs, &snap, &mut |_, _| true).unwrap();
     let path = d.join("direct.core");
     let file = std::fs::File::options()
         .read(true)
@@ -155,18 +122,26 @@ fn the_clone_writing_its_own_memory_gives_the_same_bytes() {
     let sd = snap
         .write_core_file(&file, &policy, &mut |_, _| true)
         .unwrap();
-    let direct = std::fs::read(&path).unwrap();
-    let serial = b.into_inner();
-    assert_eq!(direct.len(), serial.len());
-    let diff: Vec<usize> = (0..direct.len())
-        .filter(|&i| direct[i] != serial[i])
-        .take(16)
-        .collect();
+    let (a, b, c) = (
+        a.into_inner(),
+        b.into_inner(),
+        std::fs::read(&path).unwrap(),
+    );
+    assert_eq!(a.len(), b.len());
+    assert!(a == b, "the pipelined core differs from the serial one");
+    assert_eq!(c.len(), b.len());
+    let diff: Vec<usize> = (0..c.len()).filter(|&i| c[i] != b[i]).take(16).collect();
     assert!(
         diff.is_empty(),
         "the clone's own writes differ from reading it at {diff:?}"
     );
+    assert_eq!(sa.bytes_written, sb.bytes_written);
+    assert_eq!(sa.unpopulated_bytes, sb.unpopulated_bytes);
     assert_eq!(sd.unpopulated_bytes, sb.unpopulated_bytes);
+    assert!(
+        sa.unpopulated_bytes > 0,
+        "the sparse region was not skipped"
+    );
     assert!(
         sd.written_by_clone > 24 << 20,
         "the clone wrote nothing: {sd:?}"
