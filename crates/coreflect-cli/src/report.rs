@@ -105,10 +105,18 @@ pub fn success(json: bool, r: &DumpReport) {
     }
     let _ = writeln!(
         e,
-        "  wrote {} of data into a {} file in {:.2} s",
+        "  wrote {} of data into a {} file in {:.2} s{}",
         bytes(r.bytes_written),
         bytes(r.file_size),
-        r.duration_ms as f64 / 1000.0
+        r.duration_ms as f64 / 1000.0,
+        if r.written_by_clone > 0 {
+            format!(
+                " ({} of it written by the clone itself)",
+                bytes(r.written_by_clone)
+            )
+        } else {
+            String::new()
+        }
     );
     for w in &r.warnings {
         let _ = writeln!(e, "  warning: {w}");
