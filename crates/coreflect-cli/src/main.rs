@@ -83,9 +83,10 @@ pub struct DumpArgs {
     /// No progress display.
     #[arg(short, long)]
     quiet: bool,
-    /// Read the clone through /proc/PID/mem instead of letting it write its own memory.
+    /// Let the clone write its own memory into the core (one copy instead of three; its CPU
+    /// time then shows in the target's children's times).
     #[arg(long)]
-    no_direct_write: bool,
+    direct_write: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -181,7 +182,7 @@ fn dump_in_warden(a: &DumpArgs, pid: i32, output: PathBuf, cancel: Arc<AtomicBoo
             max_pause: a.max_pause,
             cancel: Some(cancel.clone()),
             hook: test_hook(cancel),
-            direct_write: !a.no_direct_write,
+            direct_write: a.direct_write,
         },
         output,
         overwrite: a.overwrite,

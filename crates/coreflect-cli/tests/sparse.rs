@@ -103,7 +103,11 @@ fn the_three_writers_give_the_same_bytes() {
         "--wipeonfork-kib",
         "64",
     ]);
-    let snap = coreflect::Snapshot::capture(t.pid, &coreflect::Options::default()).unwrap();
+    let opts = coreflect::Options {
+        direct_write: true,
+        ..Default::default()
+    };
+    let snap = coreflect::Snapshot::capture(t.pid, &opts).unwrap();
     let policy = KernelPolicy::default();
     let segs = snap.plan(&policy);
     let notes = snap.notes();
@@ -182,7 +186,7 @@ fn the_clone_leaves_the_targets_cgroup_before_writing() {
     let d = tmpdir("cgroup");
     let t = Target::spawn(&["--heap-mib", "8"]);
     std::fs::write(theirs.join("cgroup.procs"), t.pid.to_string()).unwrap();
-    let json = dump(t.pid, &d.join("c.core"), &[]);
+    let json = dump(t.pid, &d.join("c.core"), &["--direct-write"]);
     // The clone wrote its memory: it could be moved out of the target's cgroup.
     assert!(json.num("written_by_clone") > 8 << 20, "{}", json.0);
     assert_eq!(

@@ -7,10 +7,16 @@
 //! like the `clone` itself.
 //!
 //! Setting it up takes a few injected syscalls in the clone, none in the target:
-//! `unshare(CLONE_FILES)` first (the clone was created sharing the target's fd table) and
-//! `close_range` (so it holds none of the target's files), a scratch page, a Unix socket
-//! connected to us over which it receives the core's file descriptor (`SCM_RIGHTS`), then
-//! the scratch page and socket go. The page cache, CPU time and I/O of the clone's writes
+//! `close_range(0, ~0, CLOSE_RANGE_UNSHARE)` first (the clone was created sharing the
+//! target's fd table; this gives it an empty one of its own without ever holding the
+//! target's files), a scratch page, a non-blocking Unix socket connected to us under a
+//! random abstract name, over which it receives the core's file descriptor (`SCM_RIGHTS`,
+//! peer pid checked), then the scratch page and socket go. Before any of it the clone gets
+//! ordinary scheduling on coreflect's CPUs, nice 10 and no file-size limit (it inherited
+//! the borrowed thread's), and must share coreflect's network namespace.
+//!
+//! Not the default: when the target reaps the clone, the kernel adds the clone's CPU time
+//! and I/O to the target's children's totals (`cutime`, `cstime`, `RUSAGE_CHILDREN`). The page cache, CPU time and I/O of the clone's writes
 //! would be charged to its cgroups — the target's, with the target's limits — so the clone
 //! is moved into coreflect's own cgroups first; where that is not possible (not root), or
 //! the target runs under seccomp, direct writing is not used and the writer reads
@@ -32,7 +38,6 @@ const SYS_PWRITE64: u64 = 18;
 const SYS_SOCKET: u64 = 41;
 const SYS_CONNECT: u64 = 42;
 const SYS_RECVMSG: u64 = 47;
-const SYS_UNSHARE: u64 = 272;
 const SYS_CLOSE_RANGE: u64 = 436;
 
 /// A clone set up to write its memory into the core file.
@@ -43,12 +48,15 @@ pub struct DirectWriter {
     saved: Regs,
     fd: u64,
     rseq: Option<(u64, Vec<u8>)>,
+    /// Set once an injection went wrong: no more are made.
+    failed: std::cell::Cell<bool>,
 }
 
-/// The clone's registered rseq area and its bytes as the snapshot holds them. Each injected
+/// The clone's registered rseq area and its bytes as the snapshot holds them (read this
+/// before any injection into the clone). Each injected
 /// syscall takes the clone through the kernel's return-to-user path, which refreshes the
 /// area (`cpu_id`…); the writer puts the original bytes back into the core.
-fn rseq_area(clone: Pid) -> Option<(u64, Vec<u8>)> {
+pub fn rseq_area(clone: Pid) -> Option<(u64, Vec<u8>)> {
     #[repr(C)]
     #[derive(Default)]
     struct Config {
@@ -98,7 +106,7 @@ fn adopt_into_our_cgroups(clone: Pid) -> bool {
             continue; // already the same
         }
         let (dir, vital) = if ctrl.is_empty() {
-            let v2 = if std::path::Path::new("/sys/fs/cgroup/unified").is_dir() {
+            let v2 = if std::path::Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists() {
                 "/sys/fs/cgroup/unified"
             } else {
                 "/sys/fs/cgroup"
@@ -111,15 +119,67 @@ fn adopt_into_our_cgroups(clone: Pid) -> bool {
                 .any(|c| matches!(c, "memory" | "cpu" | "cpuacct" | "blkio" | "io"));
             (format!("/sys/fs/cgroup/{name}{path}"), vital)
         };
-        if std::fs::write(format!("{dir}/cgroup.procs"), clone.to_string()).is_err() && vital {
+        // Never create a file: the hierarchy must really be mounted there.
+        let moved = std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("{dir}/cgroup.procs"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, clone.to_string().as_bytes()))
+            .is_ok();
+        if !moved && vital {
             return false;
         }
     }
-    true
+    // Check that the moves took effect.
+    let now = cgroup_lines(&clone.to_string());
+    ours.iter()
+        .filter(|(c, _)| {
+            c.is_empty()
+                || c.split(',')
+                    .any(|x| matches!(x, "memory" | "cpu" | "cpuacct" | "blkio" | "io"))
+        })
+        .all(|o| now.contains(o))
+}
+
+/// Gives the clone ordinary scheduling on coreflect's CPUs and no file-size limit: it
+/// inherited the borrowed thread's policy (possibly real-time), affinity, nice value and
+/// limits, and must not compete with the target on them.
+fn tame(clone: Pid) -> bool {
+    unsafe {
+        let p = libc::sched_param { sched_priority: 0 };
+        if libc::sched_setscheduler(clone, libc::SCHED_OTHER, &p) != 0 {
+            return false;
+        }
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0
+            || libc::sched_setaffinity(clone, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0
+        {
+            return false;
+        }
+        if libc::setpriority(libc::PRIO_PROCESS, clone as libc::id_t, 10) != 0 {
+            return false;
+        }
+        let inf = libc::rlimit64 {
+            rlim_cur: libc::RLIM64_INFINITY,
+            rlim_max: libc::RLIM64_INFINITY,
+        };
+        libc::prlimit64(clone, libc::RLIMIT_FSIZE, &inf, std::ptr::null_mut()) == 0
+    }
+}
+
+fn same_net_namespace(clone: Pid) -> bool {
+    let a = std::fs::read_link("/proc/self/ns/net");
+    let b = std::fs::read_link(format!("/proc/{clone}/ns/net"));
+    matches!((a, b), (Ok(a), Ok(b)) if a == b)
 }
 
 impl DirectWriter {
     fn syscall(&self, nr: u64, args: [u64; 6]) -> Result<i64> {
+        if self.failed.get() {
+            return Err(Error::io(
+                "the clone writing its memory",
+                std::io::Error::other("an earlier injection failed"),
+            ));
+        }
         let r = inject::inject_syscall(
             self.clone,
             &self.saved,
@@ -134,19 +194,28 @@ impl DirectWriter {
         );
         // Whatever happened, the clone stays killable with its tracer.
         let _ = ptrace::set_options(self.clone, ptrace::O_EXITKILL);
+        if r.is_err() {
+            self.failed.set(true);
+        }
         Ok(r?.ret)
     }
 
     /// Sets up `clone` (stopped, traced by this thread, registers at `exit_group` on the
     /// `syscall` instruction `insn`) to write into `file`. `None` when direct writing cannot
     /// be used here; the clone is then left as it was, or at worst without its file table.
-    pub fn setup(clone: Pid, insn: u64, file: &File, target_seccomp: u32) -> Option<DirectWriter> {
-        if target_seccomp != 0 {
-            return None; // the filter is inherited and may kill on any of these
+    pub fn setup(
+        clone: Pid,
+        insn: u64,
+        file: &File,
+        rseq: Option<(u64, Vec<u8>)>,
+    ) -> Option<DirectWriter> {
+        // The borrowed thread's seccomp filter is the clone's: it may kill or trap on any of
+        // the syscalls below.
+        if crate::proc::Status::read(clone).ok().map(|s| s.seccomp) != Some(0) {
+            return None;
         }
         let saved = ptrace::get_regs(clone).ok()?; // fails unless we are its tracer
-        let rseq = rseq_area(clone);
-        if !adopt_into_our_cgroups(clone) {
+        if !same_net_namespace(clone) || !tame(clone) || !adopt_into_our_cgroups(clone) {
             return None;
         }
         let mut w = DirectWriter {
@@ -155,13 +224,16 @@ impl DirectWriter {
             saved,
             fd: 0,
             rseq,
+            failed: std::cell::Cell::new(false),
         };
-        // Its own file table first: until then it shares the target's.
-        if w.syscall(SYS_UNSHARE, [0x400, 0, 0, 0, 0, 0]).ok()? != 0 {
-            return None;
-        }
-        if w.syscall(SYS_CLOSE_RANGE, [0, u32::MAX as u64, 0, 0, 0, 0])
-            .ok()?
+        // An empty file table of its own, in one step (CLOSE_RANGE_UNSHARE): it never holds
+        // a reference to the target's files, and the target's table is never touched.
+        const CLOSE_RANGE_UNSHARE: u64 = 2;
+        if w.syscall(
+            SYS_CLOSE_RANGE,
+            [0, u32::MAX as u64, CLOSE_RANGE_UNSHARE, 0, 0, 0],
+        )
+        .ok()?
             != 0
         {
             return None;
@@ -190,7 +262,12 @@ impl DirectWriter {
             .open(format!("/proc/{}/mem", self.clone))
             .map_err(|e| Error::io("opening the clone's memory", e))?;
         // Our end: a listening socket in the abstract namespace.
-        let name = format!("coreflect/fd/{}/{}", std::process::id(), self.clone);
+        let mut rnd = [0u8; 16];
+        if unsafe { libc::getrandom(rnd.as_mut_ptr() as *mut libc::c_void, rnd.len(), 0) } != 16 {
+            return Ok(None);
+        }
+        let hex: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
+        let name = format!("coreflect/fd/{hex}");
         let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
         addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
         for (i, b) in name.bytes().enumerate() {
@@ -218,7 +295,8 @@ impl DirectWriter {
             unsafe { std::slice::from_raw_parts(&addr as *const _ as *const u8, alen as usize) };
         mem.write_all_at(abytes, scratch)
             .map_err(|e| Error::io("writing into the clone's scratch page", e))?;
-        let sfd = self.syscall(SYS_SOCKET, [1, 1, 0, 0, 0, 0])?;
+        // Non-blocking: nothing another process does to our socket can make it wait.
+        let sfd = self.syscall(SYS_SOCKET, [1, 1 | 0x800, 0, 0, 0, 0])?;
         if sfd < 0 {
             return Ok(None);
         }

@@ -90,7 +90,9 @@ pub struct Options {
     /// Called at each phase.
     pub hook: Option<PhaseHook>,
     /// Let the clone write its own memory into a core file (see [`crate::direct`]) when it
-    /// can; otherwise (and always for streams) it is read through `/proc/CLONE/mem`.
+    /// can; otherwise (and always for streams) it is read through `/proc/CLONE/mem`. Off by
+    /// default: the clone's CPU time then counts in the target's children's times when the
+    /// target reaps it.
     pub direct_write: bool,
 }
 
@@ -102,7 +104,7 @@ impl Default for Options {
             max_pause: None,
             cancel: None,
             hook: None,
-            direct_write: true,
+            direct_write: false,
         }
     }
 }
@@ -276,6 +278,10 @@ pub struct Snapshot {
     stopped: Option<StoppedProcess>,
     _lock: Option<TargetLock>,
     direct_write: bool,
+    /// The clone's rseq area as the snapshot holds it: the kernel rewrites it whenever the
+    /// clone passes through its return-to-user path (injected syscalls), so reads put it
+    /// back.
+    rseq_orig: Option<(u64, Vec<u8>)>,
     stopped_at: Instant,
     pause: PauseBreakdown,
     warnings: Vec<String>,
@@ -626,6 +632,10 @@ impl Snapshot {
         } else {
             (proc::maps::read_smaps(pid)?, Vec::new())
         };
+        let rseq_orig = match &clone {
+            Some(_) => crate::direct::rseq_area(image_pid),
+            None => None,
+        };
         let image = ProcMem::open(image_pid)?;
         let image_pagemap = Pagemap::open(image_pid).ok();
         Ok(Snapshot {
@@ -643,6 +653,7 @@ impl Snapshot {
             stopped,
             _lock: lock,
             direct_write: opts.direct_write,
+            rseq_orig,
             stopped_at: t0,
             pause,
             warnings,
@@ -779,16 +790,17 @@ impl Snapshot {
             .as_ref()
             .filter(|_| self.direct_write)
             .and_then(|c| {
-                crate::direct::DirectWriter::setup(
-                    c.clone,
-                    c.insn,
-                    file,
-                    self.process.status.seccomp,
-                )
+                crate::direct::DirectWriter::setup(c.clone, c.insn, file, self.rseq_orig.clone())
             });
-        let st = match &direct {
-            Some(d) => writer::write_core_direct(file, &notes, &segs, self, d, progress)?,
-            None => {
+        let direct_result = direct
+            .as_ref()
+            .map(|d| writer::write_core_direct(file, &notes, &segs, self, d, progress));
+        let st = match direct_result {
+            Some(Ok(st)) => st,
+            Some(Err(Error::Cancelled)) => return Err(Error::Cancelled),
+            // Not set up, or it stopped working: the whole core the usual way (every byte
+            // it writes replaces what the clone wrote at the same place).
+            _ => {
                 let mut sink = writer::FileSink::new(file);
                 writer::write_core(&mut sink, &notes, &segs, self, progress)?
             }
@@ -819,11 +831,7 @@ impl Snapshot {
     pub fn release_image(&mut self) {
         if let Some(c) = &self.clone {
             if c.clone != 0 {
-                // Let it run its one instruction, exit_group(CLONE_EXIT_CODE), which marks
-                // its zombie as ours; from another thread than its tracer, kill it.
-                if ptrace::cont(c.clone, 0).is_err() {
-                    unsafe { libc::kill(c.clone, libc::SIGKILL) };
-                }
+                unsafe { libc::kill(c.clone, libc::SIGKILL) };
             }
         }
     }
@@ -839,7 +847,18 @@ impl Snapshot {
 impl MemoryReader for Snapshot {
     fn read_at(&self, source: Source, addr: u64, buf: &mut [u8]) -> std::io::Result<usize> {
         match source {
-            Source::Image => self.image.read_at(addr, buf),
+            Source::Image => {
+                let n = self.image.read_at(addr, buf)?;
+                if let Some((at, orig)) = &self.rseq_orig {
+                    // Put back the snapshot's rseq bytes where they overlap this read.
+                    let (s, e) = (addr.max(*at), (addr + n as u64).min(at + orig.len() as u64));
+                    if s < e {
+                        buf[(s - addr) as usize..(e - addr) as usize]
+                            .copy_from_slice(&orig[(s - at) as usize..(e - at) as usize]);
+                    }
+                }
+                Ok(n)
+            }
             Source::Live => self.target_mem.read_at(addr, buf),
         }
     }

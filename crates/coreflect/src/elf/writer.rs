@@ -676,13 +676,17 @@ pub fn write_core_direct(
         let mut flush = |from: u64, to: u64, st: &mut WriteStats| -> Result<()> {
             let mut at = from;
             while at < to {
-                let len = (to - at).min(1 << 30);
-                match direct.pwrite(at, len, off + (at - s.vaddr)) {
+                let len = (to - at).min(64 << 20); // progress and cancel stay responsive
+                let r = direct.pwrite(at, len, off + (at - s.vaddr));
+                let efault = |e: &Error| e.raw_os_error() == Some(libc::EFAULT);
+                match r {
                     Ok(w) if w > 0 => {
                         st.bytes_written += w;
                         st.written_by_clone += w;
                         at += w;
                     }
+                    // Anything but a page the clone cannot read: stop writing this way.
+                    Err(e) if !efault(&e) => return Err(e),
                     _ => {
                         // The clone cannot read this page: read it the usual way.
                         let pa = at & !(page - 1);
