@@ -4,10 +4,10 @@
 //! No code bytes are written: the thread is pointed at an existing `syscall` instruction
 //! (borrowed from the `[vdso]`, or the one a thread is blocked behind). Its signal mask is
 //! set to "all blocked" for the duration so no handler can run on the borrowed context.
-//! Afterwards its registers are restored at the syscall-exit stop; a thread that had been
-//! interrupted inside a restartable syscall is resumed at the syscall instruction with
-//! `rax` set as the kernel's own restart would set it, so the program never sees
-//! `-ERESTART*` codes, `EINTR`, or a restarted sleep.
+//! Afterwards the thread is brought to an interrupt stop on its way back to user mode and its
+//! registers and mask are put back there unchanged, so the kernel itself decides, as for any
+//! other thread, whether the syscall it had been interrupted in restarts (the program never
+//! sees `-ERESTART*` codes or a sleep restarted from zero) or returns EINTR to a handler.
 
 use crate::arch::x86_64::{self as arch, Regs};
 use crate::error::{Error, Pid, Result};
@@ -46,7 +46,7 @@ pub fn eligible(kind: StopKind, regs: &Regs) -> bool {
     }
     match regs.syscall_nr() {
         None => true,
-        Some(nr) => !arch::MASK_SWAPPING_SYSCALLS.contains(&nr) && arch::restarted(regs).is_some(),
+        Some(nr) => !arch::MASK_SWAPPING_SYSCALLS.contains(&nr) && arch::restartable(regs),
     }
 }
 

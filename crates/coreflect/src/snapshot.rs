@@ -516,10 +516,12 @@ impl Snapshot {
             ..Default::default()
         };
 
+        let first = proc::threads(pid)?;
+
         // ---- the pause begins ----
         let t0 = Instant::now();
         pause.started_ns = monotonic_ns();
-        let mut stopped = StoppedProcess::stop(pid, opts.stop_timeout)?;
+        let mut stopped = StoppedProcess::stop(pid, first, opts.stop_timeout)?;
         pause.stop_us = us(t0.elapsed());
         // Everyone is stopped: from here on nothing of the target needs a CPU until it is
         // released, so the tracer may hold one.
@@ -527,7 +529,6 @@ impl Snapshot {
         opts.phase(Phase::Stopped);
 
         let mut clone = None;
-        let mut clone_insn = 0;
         let mut threads = None;
         if mode != Mode::Suspend {
             let mut all = None;
@@ -574,7 +575,6 @@ impl Snapshot {
             match attempt {
                 Ok((c, captured)) => {
                     pause.total_us = us(t0.elapsed());
-                    clone_insn = insn.unwrap_or(0);
                     threads = Some(captured);
                     clone = Some(CloneGuard {
                         target: pid,
@@ -607,11 +607,11 @@ impl Snapshot {
         // ---- the pause ends (reflect mode) ----
         drop(boost);
 
-        let (image_pid, stopped, lock) = match clone.as_ref().map(|c| c.clone) {
-            Some(c) => {
+        let (image_pid, stopped, lock) = match clone.as_ref().map(|c| (c.clone, c.insn)) {
+            Some((c, insn)) => {
                 drop(lock);
                 mode = Mode::Reflect;
-                let ns = setup_clone(c, clone_insn)?;
+                let ns = setup_clone(c, insn)?;
                 if let Some(g) = clone.as_mut() {
                     g.clone_ns = ns;
                 }

@@ -79,9 +79,11 @@ pub struct StoppedProcess {
 }
 
 impl StoppedProcess {
-    /// Seizes and interrupts every thread of `pid`, re-scanning until no new thread appears,
-    /// and waits (at most `timeout` in all) until each is stopped.
-    pub fn stop(pid: Pid, timeout: Duration) -> Result<StoppedProcess> {
+    /// Seizes and interrupts every thread of `pid`, starting with `first` (the thread list
+    /// the caller read before the pause, so that no scan is spent inside it), re-scanning
+    /// `/proc/PID/task` until no new thread appears, and waits (at most `timeout` in all)
+    /// until each is stopped.
+    pub fn stop(pid: Pid, first: Vec<Pid>, timeout: Duration) -> Result<StoppedProcess> {
         let deadline = Instant::now() + timeout;
         let mut sp = StoppedProcess {
             pid,
@@ -90,13 +92,15 @@ impl StoppedProcess {
             timeout,
         };
         let mut known: HashSet<Pid> = HashSet::new();
+        let mut first = Some(first);
         for pass in 0.. {
-            let tids = match proc::threads(pid) {
-                Ok(t) => t,
-                Err(Error::NoSuchProcess { .. }) if pass > 0 => {
-                    return Err(Error::ProcessExited { pid })
-                }
-                Err(e) => return Err(e),
+            let tids = match first.take() {
+                Some(t) => t,
+                None => match proc::threads(pid) {
+                    Ok(t) => t,
+                    Err(Error::NoSuchProcess { .. }) => return Err(Error::ProcessExited { pid }),
+                    Err(e) => return Err(e),
+                },
             };
             let new: Vec<Pid> = tids.into_iter().filter(|t| known.insert(*t)).collect();
             if new.is_empty() {
@@ -250,15 +254,6 @@ impl StoppedProcess {
     /// The stopped thread `tid`, if held.
     pub fn tracee(&self, tid: Pid) -> Option<&Tracee> {
         self.tracees.iter().find(|t| t.tid == tid)
-    }
-
-    /// Releases one thread (re-delivering its intercepted signal) and forgets it.
-    pub fn release(&mut self, tid: Pid) -> Result<()> {
-        let Some(i) = self.tracees.iter().position(|t| t.tid == tid) else {
-            return Ok(());
-        };
-        let t = self.tracees.remove(i);
-        detach_tracee(&t)
     }
 
     /// Forgets a thread without detaching it (the caller took it over).

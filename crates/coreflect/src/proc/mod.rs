@@ -95,14 +95,6 @@ pub fn auxv(pid: Pid) -> Result<Vec<u8>> {
     Ok(b)
 }
 
-/// Looks up one entry in a raw auxv.
-pub fn auxv_get(auxv: &[u8], key: u64) -> Option<u64> {
-    auxv.chunks_exact(16).find_map(|c| {
-        let k = u64::from_le_bytes(c[..8].try_into().unwrap());
-        (k == key).then(|| u64::from_le_bytes(c[8..].try_into().unwrap()))
-    })
-}
-
 /// The process's `coredump_filter` bits (default 0x33 when unreadable).
 pub fn coredump_filter(pid: Pid) -> u32 {
     read_text(pid, "coredump_filter")
