@@ -44,8 +44,7 @@ pub struct ThreadState {
     pub fpregs: Vec<u8>,
     /// The `NT_X86_XSTATE` area, as long as the kernel returned it.
     pub xstate: Vec<u8>,
-    /// Blocked signals (read from /proc once the thread is released; see
-    /// [`crate::proc::ThreadTimes`]).
+    /// Blocked signals (`PTRACE_GETSIGMASK` while stopped), the core's `pr_sighold`.
     pub sigmask: u64,
     /// How it stopped (signal to re-deliver, if any).
     pub kind: StopKind,
@@ -308,7 +307,7 @@ pub fn capture_thread(t: &Tracee, xbuf: &mut [u8]) -> Result<ThreadState> {
         regs,
         fpregs,
         xstate,
-        sigmask: 0,
+        sigmask: ptrace::get_sigmask(t.tid)?,
         kind: t.kind,
         siginfo: t.siginfo,
     })

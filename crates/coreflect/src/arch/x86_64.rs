@@ -31,6 +31,12 @@ impl Regs {
         out
     }
 
+    /// The registers as the 27 words of `elf_gregset_t`, in `user_regs_struct` order.
+    pub fn words(&self) -> [u64; 27] {
+        let b = self.to_bytes();
+        std::array::from_fn(|i| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap()))
+    }
+
     /// Builds registers from the 216 bytes of `elf_gregset_t`.
     pub fn from_bytes(b: &[u8; 216]) -> Regs {
         let mut r: libc::user_regs_struct = unsafe { std::mem::zeroed() };

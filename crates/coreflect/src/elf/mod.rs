@@ -2,6 +2,7 @@
 
 pub mod notes;
 pub mod reader;
+pub mod types;
 pub mod writer;
 
 /// `ET_CORE`.

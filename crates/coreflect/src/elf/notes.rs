@@ -3,6 +3,7 @@
 //! thread's `NT_PRFPREG` and `NT_X86_XSTATE`; then every other thread's `NT_PRSTATUS`,
 //! `NT_PRFPREG`, `NT_X86_XSTATE`; last `NT_X86_XSAVE_LAYOUT`.
 
+use super::types::{ElfPrpsinfo, ElfPrstatus, ElfSiginfo, Pod, Timeval};
 use super::*;
 use crate::arch::x86_64 as arch;
 use crate::proc::{Mapping, MappingKind, ProcessInfo, ThreadTimes};
@@ -27,16 +28,13 @@ fn pad4(out: &mut Vec<u8>) {
     }
 }
 
-fn put<const N: usize>(buf: &mut [u8], at: usize, v: [u8; N]) {
-    buf[at..at + N].copy_from_slice(&v);
-}
-
-fn ticks_to_timeval(ticks: u64) -> [u8; 16] {
+fn ticks_to_timeval(ticks: u64) -> Timeval {
+    // SAFETY: sysconf has no memory-safety preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&(ticks / hz).to_le_bytes());
-    b[8..].copy_from_slice(&((ticks % hz) * 1_000_000 / hz).to_le_bytes());
-    b
+    Timeval {
+        tv_sec: (ticks / hz) as i64,
+        tv_usec: ((ticks % hz) * 1_000_000 / hz) as i64,
+    }
 }
 
 /// The signal a thread was stopped on (0 if it was stopped by us).
@@ -47,50 +45,72 @@ pub fn cursig(t: &ThreadState) -> i32 {
     }
 }
 
+/// `struct elf_prstatus` for one thread, filled as the kernel's `fill_prstatus` does.
+pub fn prstatus_struct(p: &ProcessInfo, t: &ThreadState, times: &ThreadTimes) -> ElfPrstatus {
+    let sig = cursig(t);
+    ElfPrstatus {
+        pr_info: ElfSiginfo {
+            si_signo: sig,
+            ..Default::default()
+        },
+        pr_cursig: sig as i16,
+        pr_sigpend: times.sig_pending,
+        pr_sighold: t.sigmask,
+        pr_pid: t.tid,
+        pr_ppid: p.stat.ppid,
+        pr_pgrp: p.stat.pgrp,
+        pr_sid: p.stat.session,
+        pr_utime: ticks_to_timeval(times.utime),
+        pr_stime: ticks_to_timeval(times.stime),
+        pr_cutime: ticks_to_timeval(p.stat.cutime),
+        pr_cstime: ticks_to_timeval(p.stat.cstime),
+        pr_reg: t.regs.words(),
+        pr_fpvalid: 1,
+        ..Default::default()
+    }
+}
+
 /// `struct elf_prstatus` (336 bytes) for one thread.
 pub fn prstatus(p: &ProcessInfo, t: &ThreadState, times: &ThreadTimes) -> Vec<u8> {
-    let mut b = vec![0u8; 336];
-    let sig = cursig(t);
-    put(&mut b, 0, sig.to_le_bytes()); // si_signo
-    put(&mut b, 12, (sig as i16).to_le_bytes()); // pr_cursig
-    put(&mut b, 16, times.sig_pending.to_le_bytes());
-    put(&mut b, 24, t.sigmask.to_le_bytes());
-    put(&mut b, 32, t.tid.to_le_bytes());
-    put(&mut b, 36, p.stat.ppid.to_le_bytes());
-    put(&mut b, 40, p.stat.pgrp.to_le_bytes());
-    put(&mut b, 44, p.stat.session.to_le_bytes());
-    put(&mut b, 48, ticks_to_timeval(times.utime));
-    put(&mut b, 64, ticks_to_timeval(times.stime));
-    put(&mut b, 80, ticks_to_timeval(p.stat.cutime));
-    put(&mut b, 96, ticks_to_timeval(p.stat.cstime));
-    put(&mut b, 112, t.regs.to_bytes());
-    put(&mut b, 328, 1i32.to_le_bytes()); // pr_fpvalid
-    b
+    prstatus_struct(p, t, times).as_bytes().to_vec()
+}
+
+/// `struct elf_prpsinfo`, filled as the kernel's `fill_psinfo` does.
+pub fn prpsinfo_struct(p: &ProcessInfo) -> ElfPrpsinfo {
+    let sname = p.stat.state;
+    let state = "RSDTZW".find(sname);
+    let mut fname = [0u8; 16];
+    let comm = p.stat.comm.as_bytes();
+    let n = comm.len().min(15);
+    fname[..n].copy_from_slice(&comm[..n]);
+    // The kernel copies the argument area (at most 79 bytes) and turns every NUL into a
+    // space, the terminating one included.
+    let mut psargs = [0u8; 80];
+    let args = p.args.iter().map(|&c| if c == 0 { b' ' } else { c });
+    for (d, c) in psargs[..79].iter_mut().zip(args) {
+        *d = c;
+    }
+    ElfPrpsinfo {
+        pr_state: state.unwrap_or(0) as u8,
+        pr_sname: if state.is_some() { sname as u8 } else { b'.' },
+        pr_zomb: (sname == 'Z') as u8,
+        pr_nice: p.stat.nice as i8,
+        pr_flag: p.stat.flags,
+        pr_uid: p.status.uid,
+        pr_gid: p.status.gid,
+        pr_pid: p.pid,
+        pr_ppid: p.stat.ppid,
+        pr_pgrp: p.stat.pgrp,
+        pr_sid: p.stat.session,
+        pr_fname: fname,
+        pr_psargs: psargs,
+        ..Default::default()
+    }
 }
 
 /// `struct elf_prpsinfo` (136 bytes).
 pub fn prpsinfo(p: &ProcessInfo) -> Vec<u8> {
-    let mut b = vec![0u8; 136];
-    let sname = p.stat.state;
-    let state = "RSDTZW".find(sname).unwrap_or(0) as u8;
-    b[0] = state;
-    b[1] = sname as u8;
-    b[2] = (sname == 'Z') as u8;
-    b[3] = p.stat.nice as i8 as u8;
-    put(&mut b, 8, p.stat.flags.to_le_bytes());
-    put(&mut b, 16, p.status.uid.to_le_bytes());
-    put(&mut b, 20, p.status.gid.to_le_bytes());
-    put(&mut b, 24, p.pid.to_le_bytes());
-    put(&mut b, 28, p.stat.ppid.to_le_bytes());
-    put(&mut b, 32, p.stat.pgrp.to_le_bytes());
-    put(&mut b, 36, p.stat.session.to_le_bytes());
-    let comm = p.stat.comm.as_bytes();
-    let n = comm.len().min(15);
-    b[40..40 + n].copy_from_slice(&comm[..n]);
-    let args = p.cmdline.as_bytes();
-    let n = args.len().min(79);
-    b[56..56 + n].copy_from_slice(&args[..n]);
-    b
+    prpsinfo_struct(p).as_bytes().to_vec()
 }
 
 /// The 128-byte `siginfo_t` of the first thread: the real one if it was stopped on a signal,
@@ -190,6 +210,7 @@ pub fn build(input: &NoteInput) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use super::types::{ElfPrpsinfo, ElfPrstatus, ElfSiginfo, Pod, Timeval};
     use super::*;
 
     #[test]

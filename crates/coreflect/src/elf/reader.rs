@@ -2,6 +2,7 @@
 //! virtual address. Used by the tests to check what the writer wrote, and by tools that
 //! inspect cores.
 
+use super::types::{ElfPrstatus, Pod};
 use super::*;
 use std::fs::File;
 use std::io;
@@ -163,7 +164,8 @@ impl CoreFile {
 pub fn thread_ids(notes: &[Note]) -> Vec<i32> {
     notes
         .iter()
-        .filter(|n| n.ntype == NT_PRSTATUS && n.desc.len() >= 36)
-        .map(|n| i32::from_le_bytes(n.desc[32..36].try_into().unwrap()))
+        .filter(|n| n.ntype == NT_PRSTATUS)
+        .filter_map(|n| ElfPrstatus::from_bytes(&n.desc))
+        .map(|p| p.pr_pid)
         .collect()
 }

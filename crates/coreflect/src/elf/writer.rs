@@ -6,6 +6,7 @@
 //! that read back as zeros are not written either. Unreadable ranges become holes and are
 //! reported, never an abort.
 
+use super::types::{Elf64Ehdr, Elf64Phdr, Elf64Shdr, Pod};
 use super::*;
 use crate::error::{Error, Result};
 use crate::proc::mem::{PM_PRESENT, PM_SWAPPED};
@@ -202,47 +203,55 @@ pub fn layout(notes_len: u64, segs: &[SegmentPlan], page: u64) -> Layout {
     }
     let total_len = off;
 
+    let ehdr = Elf64Ehdr {
+        e_ident: [0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        e_type: ET_CORE,
+        e_machine: EM_X86_64,
+        e_version: 1,
+        e_entry: 0,
+        e_phoff: phoff,
+        e_shoff: if xnum { shoff } else { 0 },
+        e_flags: 0,
+        e_ehsize: EHDR_SIZE as u16,
+        e_phentsize: PHDR_SIZE as u16,
+        e_phnum: if xnum { PN_XNUM } else { nphdr as u16 },
+        e_shentsize: if xnum { SHDR_SIZE as u16 } else { 0 },
+        e_shnum: xnum as u16,
+        e_shstrndx: 0,
+    };
     let mut h = Vec::with_capacity(notes_offset as usize);
-    // e_ident
-    h.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0]);
-    h.extend_from_slice(&[0; 8]);
-    h.extend_from_slice(&ET_CORE.to_le_bytes());
-    h.extend_from_slice(&EM_X86_64.to_le_bytes());
-    h.extend_from_slice(&1u32.to_le_bytes()); // e_version
-    h.extend_from_slice(&0u64.to_le_bytes()); // e_entry
-    h.extend_from_slice(&phoff.to_le_bytes());
-    h.extend_from_slice(&(if xnum { shoff } else { 0 }).to_le_bytes());
-    h.extend_from_slice(&0u32.to_le_bytes()); // e_flags
-    h.extend_from_slice(&(EHDR_SIZE as u16).to_le_bytes());
-    h.extend_from_slice(&(PHDR_SIZE as u16).to_le_bytes());
-    h.extend_from_slice(&(if xnum { PN_XNUM } else { nphdr as u16 }).to_le_bytes());
-    h.extend_from_slice(&(if xnum { SHDR_SIZE as u16 } else { 0 }).to_le_bytes());
-    h.extend_from_slice(&(xnum as u16).to_le_bytes()); // e_shnum
-    h.extend_from_slice(&0u16.to_le_bytes()); // e_shstrndx
-    debug_assert_eq!(h.len(), EHDR_SIZE);
-
-    let mut phdr =
-        |ty: u32, flags: u32, off: u64, vaddr: u64, filesz: u64, memsz: u64, align: u64| {
-            h.extend_from_slice(&ty.to_le_bytes());
-            h.extend_from_slice(&flags.to_le_bytes());
-            h.extend_from_slice(&off.to_le_bytes());
-            h.extend_from_slice(&vaddr.to_le_bytes());
-            h.extend_from_slice(&0u64.to_le_bytes()); // p_paddr
-            h.extend_from_slice(&filesz.to_le_bytes());
-            h.extend_from_slice(&memsz.to_le_bytes());
-            h.extend_from_slice(&align.to_le_bytes());
-        };
-    phdr(PT_NOTE, 0, notes_offset, 0, notes_len, 0, 0);
+    h.extend_from_slice(ehdr.as_bytes());
+    let notes = Elf64Phdr {
+        p_type: PT_NOTE,
+        p_offset: notes_offset,
+        p_filesz: notes_len,
+        ..Default::default()
+    };
+    h.extend_from_slice(notes.as_bytes());
     for (s, &o) in segs.iter().zip(&data_offsets) {
-        phdr(PT_LOAD, s.flags, o, s.vaddr, s.filesz, s.memsz, page);
+        let load = Elf64Phdr {
+            p_type: PT_LOAD,
+            p_flags: s.flags,
+            p_offset: o,
+            p_vaddr: s.vaddr,
+            p_paddr: 0,
+            p_filesz: s.filesz,
+            p_memsz: s.memsz,
+            p_align: page,
+        };
+        h.extend_from_slice(load.as_bytes());
     }
     if xnum {
-        let mut sh = [0u8; SHDR_SIZE];
-        // sh_type SHT_NULL, sh_size = e_shnum (1), sh_link = e_shstrndx (0), sh_info = count
-        sh[32..40].copy_from_slice(&1u64.to_le_bytes());
-        sh[44..48].copy_from_slice(&(nphdr as u32).to_le_bytes());
-        h.extend_from_slice(&sh);
+        // sh_type SHT_NULL; sh_size = e_shnum (1), sh_link = e_shstrndx (0), sh_info = the
+        // real program header count.
+        let sh = Elf64Shdr {
+            sh_size: 1,
+            sh_info: nphdr as u32,
+            ..Default::default()
+        };
+        h.extend_from_slice(sh.as_bytes());
     }
+    debug_assert_eq!(h.len() as u64, notes_offset);
     Layout {
         headers: h,
         notes_offset,

@@ -120,6 +120,8 @@ pub struct ProcessInfo {
     pub status: Status,
     /// Command line, NULs turned to spaces.
     pub cmdline: String,
+    /// The raw argument area (`/proc/PID/cmdline`, NULs included), for `pr_psargs`.
+    pub args: Vec<u8>,
     /// Raw auxv up to and including `AT_NULL`.
     pub auxv: Vec<u8>,
     /// `coredump_filter` bits.
@@ -136,6 +138,7 @@ impl ProcessInfo {
             stat: Stat::read(pid)?,
             status: Status::read(pid)?,
             cmdline: cmdline(pid),
+            args: read_bytes(pid, "cmdline").unwrap_or_default(),
             auxv: auxv(pid).unwrap_or_default(),
             coredump_filter: coredump_filter(pid),
             exe: exe(pid),
@@ -150,22 +153,26 @@ pub struct ThreadTimes {
     pub utime: u64,
     /// System time in clock ticks.
     pub stime: u64,
-    /// Pending signals (thread and shared).
+    /// The thread's own pending signals (`SigPnd:`; the kernel's `pr_sigpend` leaves out
+    /// the process-wide ones).
     pub sig_pending: u64,
-    /// Blocked signals.
-    pub sig_blocked: u64,
 }
 
 impl ThreadTimes {
-    /// Reads the figures of thread `tid` of `pid` (zeros if it is gone).
+    /// Reads the figures of thread `tid` of `pid` (zeros if it is gone). As in the
+    /// kernel's cores, the main thread's times are the whole process's.
     pub fn read(pid: Pid, tid: Pid) -> ThreadTimes {
-        let st = Stat::read_thread(pid, tid).unwrap_or_default();
+        let st = if tid == pid {
+            Stat::read(pid)
+        } else {
+            Stat::read_thread(pid, tid)
+        }
+        .unwrap_or_default();
         let s = Status::read_thread(pid, tid).unwrap_or_default();
         ThreadTimes {
             utime: st.utime,
             stime: st.stime,
-            sig_pending: s.sig_pending,
-            sig_blocked: s.sig_blocked,
+            sig_pending: s.thread_pending,
         }
     }
 }

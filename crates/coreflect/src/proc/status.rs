@@ -30,6 +30,8 @@ pub struct Status {
     pub vm_rss_kb: u64,
     /// `SigPnd:` | `ShdPnd:` (pending signals).
     pub sig_pending: u64,
+    /// `SigPnd:` alone (the thread's own pending signals).
+    pub thread_pending: u64,
     /// `SigBlk:` (blocked signals).
     pub sig_blocked: u64,
     /// `CapEff:` (effective capabilities).
@@ -83,7 +85,11 @@ impl Status {
                 "RssAnon" => s.rss_anon_kb = num(),
                 "VmRSS" => s.vm_rss_kb = num(),
                 "VmSize" => s.no_mm = false,
-                "SigPnd" | "ShdPnd" => s.sig_pending |= hex(),
+                "SigPnd" => {
+                    s.thread_pending = hex();
+                    s.sig_pending |= hex();
+                }
+                "ShdPnd" => s.sig_pending |= hex(),
                 "SigBlk" => s.sig_blocked = hex(),
                 "CapEff" => s.cap_eff = hex(),
                 "Threads" => s.threads = num() as u32,
