@@ -319,8 +319,10 @@ fn same_notes_and_segments_as_gcore_and_the_kernel() {
 
 #[test]
 fn more_than_65534_segments_use_pn_xnum() {
-    if !is_root() {
-        eprintln!("skipped: needs root to raise vm.max_map_count");
+    if !require_root(
+        "more_than_65534_segments_use_pn_xnum",
+        "to raise vm.max_map_count",
+    ) {
         return;
     }
     const MAPS: usize = 70_000;

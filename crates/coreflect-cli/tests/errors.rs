@@ -144,8 +144,10 @@ fn already_traced() {
 
 #[test]
 fn permission_denied_names_the_fix() {
-    if !is_root() {
-        eprintln!("skipped: needs root to run coreflect as another user");
+    if !require_root(
+        "permission_denied_names_the_fix",
+        "to run coreflect as another user",
+    ) {
         return;
     }
     let d = tmpdir("eperm");
@@ -239,8 +241,7 @@ fn umount(dir: &std::path::Path) {
 
 #[test]
 fn full_and_read_only_filesystems() {
-    if !is_root() {
-        eprintln!("skipped: needs root to mount a small tmpfs");
+    if !require_root("full_and_read_only_filesystems", "to mount a small tmpfs") {
         return;
     }
     let d = tmpdir("fs");

@@ -245,8 +245,10 @@ fn dontfork_memory_is_read_from_the_live_target() {
 
 #[test]
 fn seccomp_target_with_and_without_cap_sys_admin() {
-    if !is_root() {
-        eprintln!("skipped: needs root (CAP_SYS_ADMIN to suspend seccomp)");
+    if !require_root(
+        "seccomp_target_with_and_without_cap_sys_admin",
+        "(CAP_SYS_ADMIN) to suspend seccomp",
+    ) {
         return;
     }
     let d = tmpdir("seccomp");
@@ -413,8 +415,10 @@ fn signals_sent_during_the_pause_are_delivered_once() {
 
 #[test]
 fn a_target_in_its_own_pid_namespace_is_reflected_and_reaped() {
-    if !is_root() {
-        eprintln!("skipped: needs root for a pid namespace");
+    if !require_root(
+        "a_target_in_its_own_pid_namespace_is_reflected_and_reaped",
+        "for a pid namespace",
+    ) {
         return;
     }
     let d = tmpdir("pidns");

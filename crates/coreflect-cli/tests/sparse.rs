@@ -170,8 +170,10 @@ fn memcg_dir(pid: &str) -> Option<std::path::PathBuf> {
 
 #[test]
 fn the_clone_leaves_the_targets_cgroup_before_writing() {
-    if !is_root() {
-        eprintln!("skipped: needs root to make a cgroup");
+    if !require_root(
+        "the_clone_leaves_the_targets_cgroup_before_writing",
+        "to make a cgroup",
+    ) {
         return;
     }
     let Some(ours) = memcg_dir("self") else {

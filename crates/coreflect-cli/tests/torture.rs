@@ -400,8 +400,10 @@ fn two_dumpers_at_once() {
 #[test]
 fn security_files_are_private_and_non_dumpable_targets_refused() {
     let _serial = serial();
-    if !is_root() {
-        eprintln!("skipped: needs root to switch users");
+    if !require_root(
+        "security_files_are_private_and_non_dumpable_targets_refused",
+        "to switch users",
+    ) {
         return;
     }
     let d = tmpdir("torture-security");

@@ -71,6 +71,9 @@ pub struct TargetOptions {
     pub dontfork_kib: usize,
     /// Split a reservation into this many separate mappings (0: none).
     pub many_maps: usize,
+    /// Give every thread a signal mask of its own (one real-time signal blocked each), and
+    /// leave a blocked SIGUSR2 pending on the main thread.
+    pub signal_masks: bool,
 }
 
 impl Default for TargetOptions {
@@ -94,6 +97,7 @@ impl Default for TargetOptions {
             non_dumpable: false,
             dontfork_kib: 0,
             many_maps: 0,
+            signal_masks: false,
         }
     }
 }
@@ -126,6 +130,7 @@ impl TargetOptions {
                 "--non-dumpable" => o.non_dumpable = true,
                 "--dontfork-kib" => o.dontfork_kib = num(a)?,
                 "--many-maps" => o.many_maps = num(a)?,
+                "--signal-masks" => o.signal_masks = true,
                 "--exit-after-ms" => o.exit_after_ms = num(a)? as u64,
                 "--exec-after-ms" => o.exec_after_ms = num(a)? as u64,
                 other => return Err(format!("unknown option {other}")),
@@ -207,6 +212,22 @@ pub fn timed_fork() -> u64 {
 
 static COUNTERS: std::sync::OnceLock<Counters> = std::sync::OnceLock::new();
 static QUIT: AtomicBool = AtomicBool::new(false);
+/// `--signal-masks`: the next thread's real-time signal (0: leave masks alone).
+static NEXT_MASK: AtomicU64 = AtomicU64::new(0);
+
+/// Blocks `signals` in the calling thread.
+fn block(signals: &[i32]) {
+    // SAFETY: a zeroed sigset_t is a valid argument to sigemptyset; the calls only write
+    // the local set and the thread's own mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &s in signals {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
 
 fn c() -> &'static Counters {
     COUNTERS.get_or_init(Counters::default)
@@ -512,10 +533,21 @@ pub fn run(o: TargetOptions) -> ! {
     let listener = Arc::new(TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"));
     let addr = listener.local_addr().unwrap();
     let pair = Arc::new((Mutex::new(false), Condvar::new()));
+    if o.signal_masks {
+        NEXT_MASK.store(40, SeqCst);
+    }
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()
             .name(name.into())
-            .spawn(f)
+            .spawn(move || {
+                let sig = NEXT_MASK.load(SeqCst);
+                if sig != 0 {
+                    // Signals 40, 41, ...: a distinct mask per thread.
+                    let sig = NEXT_MASK.fetch_add(1, SeqCst).min(64);
+                    block(&[sig as i32]);
+                }
+                f()
+            })
             .expect("spawn thread")
     };
     let mut hs = vec![
@@ -580,6 +612,18 @@ pub fn run(o: TargetOptions) -> ! {
     }
     if o.seccomp_kill_clone {
         install_seccomp_kill_clone();
+    }
+    if o.signal_masks {
+        block(&[libc::SIGUSR2]);
+        // SAFETY: signals our own main thread, whose SIGUSR2 is blocked: it stays pending.
+        unsafe {
+            libc::syscall(
+                libc::SYS_tgkill,
+                std::process::id(),
+                libc::gettid(),
+                libc::SIGUSR2,
+            )
+        };
     }
     // Let every thread reach its blocking call.
     std::thread::sleep(Duration::from_millis(100));

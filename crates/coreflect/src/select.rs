@@ -58,8 +58,9 @@ impl RegionPolicy for KernelPolicy {
         let f = |bit: u32| self.filter & bit != 0;
         let whole_if = |c: bool| if c { Extent::Whole } else { Extent::None };
         match m.kind() {
-            MappingKind::Vdso => return Extent::Whole,
-            MappingKind::Special => return Extent::None,
+            // The kernel always dumps the vDSO, [vvar] and [vsyscall] (always_dump_vma),
+            // even with VM_DONTDUMP; the pages it cannot read become zeros.
+            MappingKind::Vdso | MappingKind::Special => return Extent::Whole,
             _ => {}
         }
         if m.has_flag("dd") {
@@ -150,8 +151,9 @@ mod tests {
         assert_eq!(p.extent(&fshared, &mut yes), Extent::None);
         let vdso = map("1000-3000 r-xp 00000000 00:00 0 [vdso]", "rd ex", 0);
         assert_eq!(p.extent(&vdso, &mut yes), Extent::Whole);
-        let vvar = map("1000-3000 r--p 00000000 00:00 0 [vvar]", "rd io", 0);
-        assert_eq!(p.extent(&vvar, &mut yes), Extent::None);
+        // Dumped whole even with VM_DONTDUMP, as the kernel does (written as zeros).
+        let vvar = map("1000-3000 r--p 00000000 00:00 0 [vvar]", "rd io dd", 0);
+        assert_eq!(p.extent(&vvar, &mut yes), Extent::Whole);
         let io = map("1000-3000 rw-p 00000000 00:00 0", "rd wr io", 4);
         assert_eq!(p.extent(&io, &mut yes), Extent::None);
         let all = KernelPolicy { filter: 0x7f };

@@ -725,7 +725,9 @@ impl Snapshot {
         self.mappings
             .iter()
             .map(|m| {
-                let source = if self.is_live(m.start) {
+                let source = if m.kind() == MappingKind::Special {
+                    Source::Hole
+                } else if self.is_live(m.start) {
                     Source::Live
                 } else {
                     Source::Image
@@ -860,6 +862,7 @@ impl MemoryReader for Snapshot {
                 Ok(n)
             }
             Source::Live => self.target_mem.read_at(addr, buf),
+            Source::Hole => Ok(0),
         }
     }
     fn pagemap(&self, source: Source, addr: u64, out: &mut [u64]) -> bool {

@@ -55,9 +55,16 @@ fn reader_thread(out: ChildStdout) -> mpsc::Receiver<String> {
 impl Target {
     /// Starts a target with these options and waits for READY.
     pub fn spawn(args: &[&str]) -> Target {
-        let mut child = Command::new(exe())
-            .arg("__target")
-            .args(args)
+        Target::spawn_with(args, |_| {})
+    }
+
+    /// Starts a target with these options, `setup` adjusting its command first, and waits
+    /// for READY.
+    pub fn spawn_with(args: &[&str], setup: impl FnOnce(&mut Command)) -> Target {
+        let mut cmd = Command::new(exe());
+        cmd.arg("__target").args(args);
+        setup(&mut cmd);
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -125,6 +132,13 @@ impl Target {
                 )
             })
             .collect()
+    }
+
+    /// Sends it `sig` and waits until it is gone; returns how it ended.
+    pub fn kill_and_wait(mut self, sig: i32) -> std::process::ExitStatus {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child.
+        unsafe { libc::kill(self.pid, sig) };
+        self.child.wait().expect("wait for the target")
     }
 
     /// The threads of the target now.
@@ -306,7 +320,27 @@ pub fn run_tool(prog: &str, args: &[&str]) -> (bool, String) {
 
 /// True when running as root (tests that mount filesystems or switch users need it).
 pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// Reports that a test cannot run here because `why`: when the `CI` environment variable
+/// is set this fails the test (CI must run every test); otherwise it prints a visible
+/// `SKIPPED` line and the caller returns.
+pub fn skip(test: &str, why: &str) {
+    if std::env::var_os("CI").is_some() {
+        panic!("{test} cannot run: {why} (CI is set, so this is a failure, not a skip)");
+    }
+    eprintln!("SKIPPED {test}: {why} (set CI=1 to make this a failure)");
+}
+
+/// True when root; otherwise [`skip`]s (fails under CI) with `why` and returns false.
+pub fn require_root(test: &str, why: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    skip(test, &format!("needs root {why}"));
+    false
 }
 
 /// The functions each test-target thread parks in.

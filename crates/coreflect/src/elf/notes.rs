@@ -57,7 +57,7 @@ pub fn prstatus_struct(p: &ProcessInfo, t: &ThreadState, times: &ThreadTimes) ->
         pr_sigpend: times.sig_pending,
         pr_sighold: t.sigmask,
         pr_pid: t.tid,
-        pr_ppid: p.stat.ppid,
+        pr_ppid: p.parent_tid,
         pr_pgrp: p.stat.pgrp,
         pr_sid: p.stat.session,
         pr_utime: ticks_to_timeval(times.utime),
@@ -99,7 +99,7 @@ pub fn prpsinfo_struct(p: &ProcessInfo) -> ElfPrpsinfo {
         pr_uid: p.status.uid,
         pr_gid: p.status.gid,
         pr_pid: p.pid,
-        pr_ppid: p.stat.ppid,
+        pr_ppid: p.parent_tid,
         pr_pgrp: p.stat.pgrp,
         pr_sid: p.stat.session,
         pr_fname: fname,
@@ -210,7 +210,6 @@ pub fn build(input: &NoteInput) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
-    use super::types::{ElfPrpsinfo, ElfPrstatus, ElfSiginfo, Pod, Timeval};
     use super::*;
 
     #[test]

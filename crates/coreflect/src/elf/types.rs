@@ -316,9 +316,11 @@ mod tests {
 
     #[test]
     fn bytes_round_trip() {
-        let mut p = ElfPrstatus::default();
-        p.pr_sighold = 0x1234;
-        p.pr_pid = 77;
+        let p = ElfPrstatus {
+            pr_sighold: 0x1234,
+            pr_pid: 77,
+            ..Default::default()
+        };
         let b = p.as_bytes().to_vec();
         assert_eq!(b.len(), 336);
         assert_eq!(&b[24..32], &0x1234u64.to_le_bytes());

@@ -21,6 +21,9 @@ pub enum Source {
     Image,
     /// The live target (for memory a clone cannot hold: `MADV_DONTFORK`, `MADV_WIPEONFORK`).
     Live,
+    /// Nothing: memory the kernel dumps but no one can read (`[vvar]`, `[vsyscall]`),
+    /// written as zeros (a hole) without being read.
+    Hole,
 }
 
 /// One `PT_LOAD` to write.
@@ -382,7 +385,9 @@ fn fill_chunk(
     let pages = len / page;
     pm.resize(pages.max(pm.len()), 0);
     let present = &mut pm[..pages];
-    if !(s.sparse && mem.pagemap(s.source, addr, present)) {
+    if s.source == Source::Hole {
+        present.fill(0);
+    } else if !(s.sparse && mem.pagemap(s.source, addr, present)) {
         present.fill(PM_PRESENT);
     }
     let mut st = WriteStats::default();
@@ -666,7 +671,7 @@ pub fn write_core_direct(
         if s.filesz == 0 {
             continue;
         }
-        if s.source == Source::Live {
+        if s.source != Source::Image {
             let mut a = 0;
             while a < s.filesz {
                 let n = (s.filesz - a).min(CHUNK as u64) as usize;

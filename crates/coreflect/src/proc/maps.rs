@@ -12,7 +12,8 @@ pub enum MappingKind {
     Anonymous,
     /// The `[vdso]`: always dumped whole.
     Vdso,
-    /// `[vvar]`, `[vvar_vclock]`, `[vsyscall]`: never dumped (not readable through /proc/PID/mem).
+    /// `[vvar]`, `[vvar_vclock]`, `[vsyscall]`: dumped whole by the kernel, as zeros (not
+    /// readable through /proc/PID/mem).
     Special,
 }
 

@@ -81,6 +81,24 @@ pub fn cmdline(pid: Pid) -> String {
     String::from_utf8_lossy(b).replace('\0', " ")
 }
 
+/// The thread of `ppid` that created `pid`: the one whose `/proc/PPID/task/TID/children`
+/// lists it (`ppid` itself when none does, or the files are missing).
+pub fn parent_thread(pid: Pid, ppid: Pid) -> Pid {
+    let listed = |tid: Pid| {
+        std::fs::read_to_string(format!("/proc/{ppid}/task/{tid}/children"))
+            .map(|s| s.split_whitespace().any(|w| w.parse() == Ok(pid)))
+            .unwrap_or(false)
+    };
+    if ppid <= 0 || listed(ppid) {
+        return ppid;
+    }
+    threads(ppid)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|&t| listed(t))
+        .unwrap_or(ppid)
+}
+
 /// The raw auxiliary vector (`/proc/PID/auxv`), cut after its `AT_NULL` entry.
 pub fn auxv(pid: Pid) -> Result<Vec<u8>> {
     let mut b = read_bytes(pid, "auxv")?;
@@ -120,6 +138,9 @@ pub struct ProcessInfo {
     pub status: Status,
     /// Command line, NULs turned to spaces.
     pub cmdline: String,
+    /// The thread of the parent that created the process (the kernel's `real_parent`, whose
+    /// thread id the kernel's cores give as `pr_ppid`); the parent's pid if unknown.
+    pub parent_tid: Pid,
     /// The raw argument area (`/proc/PID/cmdline`, NULs included), for `pr_psargs`.
     pub args: Vec<u8>,
     /// Raw auxv up to and including `AT_NULL`.
@@ -133,9 +154,11 @@ pub struct ProcessInfo {
 impl ProcessInfo {
     /// Reads everything for `pid`.
     pub fn read(pid: Pid) -> Result<ProcessInfo> {
+        let stat = Stat::read(pid)?;
         Ok(ProcessInfo {
             pid,
-            stat: Stat::read(pid)?,
+            parent_tid: parent_thread(pid, stat.ppid),
+            stat,
             status: Status::read(pid)?,
             cmdline: cmdline(pid),
             args: read_bytes(pid, "cmdline").unwrap_or_default(),
