@@ -155,14 +155,31 @@ fn the_three_writers_give_the_same_bytes() {
     assert_undisturbed(&t.quit());
 }
 
-/// The memory cgroup directory of a process (cgroup v1 `memory` or v2), if mounted here.
-fn memcg_dir(pid: &str) -> Option<std::path::PathBuf> {
+/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or
+/// `/sys/fs/cgroup/unified` on a hybrid system), from `/proc/self/mountinfo`.
+fn cgroup2_mount() -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        (post.split_whitespace().next()? == "cgroup2")
+            .then(|| pre.split_whitespace().nth(4).map(Into::into))?
+    })
+}
+
+/// The cgroup directory of a process in one hierarchy: `"memory"` (cgroup v1's memory
+/// controller) or `""` (cgroup v2), if that hierarchy is mounted here.
+fn cgroup_dir(pid: &str, hierarchy: &str) -> Option<std::path::PathBuf> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     for l in text.lines() {
         let mut it = l.splitn(3, ':');
-        let (_, ctrl, path) = (it.next()?, it.next()?, it.next()?);
-        if ctrl.split(',').any(|c| c == "memory") {
-            return Some(format!("/sys/fs/cgroup/memory{path}").into());
+        let (id, ctrl, path) = (it.next()?, it.next()?, it.next()?);
+        let path = path.trim_start_matches('/');
+        if hierarchy.is_empty() && id == "0" && ctrl.is_empty() {
+            return Some(cgroup2_mount()?.join(path));
+        }
+        if !hierarchy.is_empty() && ctrl.split(',').any(|c| c == hierarchy) {
+            let d = std::path::Path::new("/sys/fs/cgroup").join(hierarchy);
+            return d.join("cgroup.procs").exists().then(|| d.join(path));
         }
     }
     None
@@ -170,32 +187,43 @@ fn memcg_dir(pid: &str) -> Option<std::path::PathBuf> {
 
 #[test]
 fn the_clone_leaves_the_targets_cgroup_before_writing() {
-    if !require_root(
-        "the_clone_leaves_the_targets_cgroup_before_writing",
-        "to make a cgroup",
-    ) {
+    let test = "the_clone_leaves_the_targets_cgroup_before_writing";
+    if !require_root(test, "to make a cgroup") {
         return;
     }
-    let Some(ours) = memcg_dir("self") else {
-        eprintln!("skipped: no cgroup v1 memory hierarchy here");
-        return;
-    };
-    let theirs = ours.join(format!("coreflect-test-{}", std::process::id()));
-    if std::fs::create_dir(&theirs).is_err() {
-        eprintln!("skipped: cannot create {}", theirs.display());
-        return;
+    let mut tried = Vec::new();
+    for (label, hierarchy) in [("cgroup v2", ""), ("cgroup v1 memory", "memory")] {
+        let Some(ours) = cgroup_dir("self", hierarchy) else {
+            continue;
+        };
+        let theirs = ours.join(format!("coreflect-test-{}", std::process::id()));
+        if let Err(e) = std::fs::create_dir(&theirs) {
+            panic!("{label}: cannot create {}: {e}", theirs.display());
+        }
+        tried.push(label);
+        let d = tmpdir("cgroup");
+        let t = Target::spawn(&["--heap-mib", "8"]);
+        std::fs::write(theirs.join("cgroup.procs"), t.pid.to_string()).unwrap();
+        assert_eq!(
+            cgroup_dir(&t.pid.to_string(), hierarchy).as_deref(),
+            Some(theirs.as_path()),
+            "{label}: the target was not moved"
+        );
+        let json = dump(t.pid, &d.join("c.core"), &["--direct-write"]);
+        // The clone wrote its memory: it could be moved out of the target's cgroup.
+        assert!(json.num("written_by_clone") > 8 << 20, "{label}: {}", json.0);
+        assert_eq!(
+            cgroup_dir(&t.pid.to_string(), hierarchy).as_deref(),
+            Some(theirs.as_path()),
+            "{label}: the target left its cgroup"
+        );
+        assert!(children(t.pid).is_empty());
+        assert_undisturbed(&t.quit());
+        std::fs::remove_dir(&theirs)
+            .unwrap_or_else(|e| panic!("{label}: remove {}: {e}", theirs.display()));
     }
-    let d = tmpdir("cgroup");
-    let t = Target::spawn(&["--heap-mib", "8"]);
-    std::fs::write(theirs.join("cgroup.procs"), t.pid.to_string()).unwrap();
-    let json = dump(t.pid, &d.join("c.core"), &["--direct-write"]);
-    // The clone wrote its memory: it could be moved out of the target's cgroup.
-    assert!(json.num("written_by_clone") > 8 << 20, "{}", json.0);
-    assert_eq!(
-        memcg_dir(&t.pid.to_string()).as_deref(),
-        Some(theirs.as_path())
-    );
-    assert!(children(t.pid).is_empty());
-    assert_undisturbed(&t.quit());
-    let _ = std::fs::remove_dir(&theirs);
+    if tried.is_empty() {
+        skip(test, "neither cgroup v2 nor the cgroup v1 memory controller is mounted");
+    }
+    eprintln!("{test}: ran with {}", tried.join(", "));
 }
