@@ -294,52 +294,6 @@ fn seccomp_target_with_and_without_cap_sys_admin() {
 }
 
 #[test]
-fn snapshot_api_reads_the_frozen_image_while_the_target_runs() {
-    let mut t = Target::spawn(&["--heap-mib", "2", "--seq-pages", "64"]);
-    let snap = coreflect::Snapshot::capture(t.pid, &coreflect::Options::default()).unwrap();
-    assert_eq!(snap.mode(), coreflect::Mode::Reflect);
-    assert_eq!(snap.threads().len(), t.threads());
-    let clone = snap.clone_pid().unwrap();
-    let st = std::fs::read_to_string(format!("/proc/{clone}/stat")).unwrap();
-    assert!(
-        st.rsplit(')').next().unwrap().trim().starts_with('t'),
-        "clone not stopped: {st}"
-    );
-    // The target runs while the snapshot stays frozen.
-    assert!(t.ping());
-    let mut b = [0u8; 8];
-    assert_eq!(snap.read_memory(t.get("marker_addr"), &mut b).unwrap(), 8);
-    assert_eq!(u64::from_le_bytes(b), t.get("marker"));
-    let seq = t.get("seq_addr");
-    let mut first = [0u8; 8];
-    snap.read_memory(seq, &mut first).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
-    let mut again = [0u8; 8];
-    snap.read_memory(seq, &mut again).unwrap();
-    assert_eq!(first, again, "the snapshot changed while the target ran");
-    // A core into any writer.
-    let mut sink = coreflect::elf::writer::StreamSink::new(Vec::new());
-    let stats = snap
-        .write_core(
-            &mut sink,
-            &coreflect::select::KernelPolicy::default(),
-            &mut |_, _| true,
-        )
-        .unwrap();
-    let bytes = sink.into_inner();
-    assert_eq!(bytes.len() as u64, stats.file_size);
-    assert_eq!(&bytes[..4], b"\x7fELF");
-    drop(snap);
-    assert!(
-        !Path::new(&format!("/proc/{clone}")).exists(),
-        "clone still exists"
-    );
-    assert!(children(t.pid).is_empty());
-    t.assert_free();
-    assert_undisturbed(&t.quit());
-}
-
-#[test]
 fn example_snapshot_prints_threads_and_value() {
     let ex = exe().parent().unwrap().join("examples/snapshot");
     assert!(

@@ -1,13 +1,11 @@
 //! Cost in proportion to resident memory: never-populated pages become holes of a sparse
-//! file, yet every byte reads back right; and the pipelined writer writes exactly what the
-//! simple one does.
+//! file, yet every byte reads back right; the library's tests
+//! (crates/coreflect/tests) check that the writers agree byte for byte.
 
 mod common;
 
 use common::*;
 use coreflect::elf::reader::CoreFile;
-use coreflect::elf::writer::{write_core, write_core_serial, StreamSink};
-use coreflect::select::KernelPolicy;
 use std::os::unix::fs::MetadataExt;
 
 #[test]
@@ -88,73 +86,6 @@ fn file_backed_headers_and_data_are_kept() {
     assert_undisturbed(&t.quit());
 }
 
-/// The three ways to write a core — serial reads, pipelined reads, the clone writing its
-/// own memory — give the same bytes.
-#[test]
-fn the_three_writers_give_the_same_bytes() {
-    let d = tmpdir("writers");
-    let t = Target::spawn(&[
-        "--heap-mib",
-        "24",
-        "--sparse-reserve-mib",
-        "64",
-        "--sparse-touch-every",
-        "3",
-        "--wipeonfork-kib",
-        "64",
-    ]);
-    let opts = coreflect::Options {
-        direct_write: true,
-        ..Default::default()
-    };
-    let snap = coreflect::Snapshot::capture(t.pid, &opts).unwrap();
-    let policy = KernelPolicy::default();
-    let segs = snap.plan(&policy);
-    let notes = snap.notes();
-    // Reading first (it leaves the clone untouched), the clone writing itself last.
-    let mut a = StreamSink::new(Vec::new());
-    let sa = write_core(&mut a, &notes, &segs, &snap, &mut |_, _| true).unwrap();
-    let mut b = StreamSink::new(Vec::new());
-    let sb = write_core_serial(&mut b, &notes, &segs, &snap, &mut |_, _| true).unwrap();
-    let path = d.join("direct.core");
-    let file = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .unwrap();
-    let sd = snap
-        .write_core_file(&file, &policy, &mut |_, _| true)
-        .unwrap();
-    let (a, b, c) = (
-        a.into_inner(),
-        b.into_inner(),
-        std::fs::read(&path).unwrap(),
-    );
-    assert_eq!(a.len(), b.len());
-    assert!(a == b, "the pipelined core differs from the serial one");
-    assert_eq!(c.len(), b.len());
-    let diff: Vec<usize> = (0..c.len()).filter(|&i| c[i] != b[i]).take(16).collect();
-    assert!(
-        diff.is_empty(),
-        "the clone's own writes differ from reading it at {diff:?}"
-    );
-    assert_eq!(sa.bytes_written, sb.bytes_written);
-    assert_eq!(sa.unpopulated_bytes, sb.unpopulated_bytes);
-    assert_eq!(sd.unpopulated_bytes, sb.unpopulated_bytes);
-    assert!(
-        sa.unpopulated_bytes > 0,
-        "the sparse region was not skipped"
-    );
-    assert!(
-        sd.written_by_clone > 24 << 20,
-        "the clone wrote nothing: {sd:?}"
-    );
-    drop(snap);
-    assert!(children(t.pid).is_empty());
-    assert_undisturbed(&t.quit());
-}
-
 /// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or
 /// `/sys/fs/cgroup/unified` on a hybrid system), from `/proc/self/mountinfo`.
 fn cgroup2_mount() -> Option<std::path::PathBuf> {
@@ -211,7 +142,11 @@ fn the_clone_leaves_the_targets_cgroup_before_writing() {
         );
         let json = dump(t.pid, &d.join("c.core"), &["--direct-write"]);
         // The clone wrote its memory: it could be moved out of the target's cgroup.
-        assert!(json.num("written_by_clone") > 8 << 20, "{label}: {}", json.0);
+        assert!(
+            json.num("written_by_clone") > 8 << 20,
+            "{label}: {}",
+            json.0
+        );
         assert_eq!(
             cgroup_dir(&t.pid.to_string(), hierarchy).as_deref(),
             Some(theirs.as_path()),
@@ -223,7 +158,10 @@ fn the_clone_leaves_the_targets_cgroup_before_writing() {
             .unwrap_or_else(|e| panic!("{label}: remove {}: {e}", theirs.display()));
     }
     if tried.is_empty() {
-        skip(test, "neither cgroup v2 nor the cgroup v1 memory controller is mounted");
+        skip(
+            test,
+            "neither cgroup v2 nor the cgroup v1 memory controller is mounted",
+        );
     }
     eprintln!("{test}: ran with {}", tried.join(", "));
 }
