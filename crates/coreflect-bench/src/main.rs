@@ -416,42 +416,42 @@ fn scenarios(a: &Args) -> Vec<Scenario> {
     v
 }
 
-/// The number in `"key":N` of a flat JSON text.
-fn json_num(s: &str, key: &str) -> Option<f64> {
-    let pat = format!("\"{key}\":");
-    let rest = &s[s.find(&pat)? + pat.len()..];
-    let end = rest
-        .find(|c: char| !(c.is_ascii_digit() || matches!(c, '-' | '.' | 'e' | 'E' | '+')))
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
+/// The parts of `coreflect dump --json`'s output the benchmark reads: the report of a
+/// dump, or `{"error": ...}`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct DumpJson {
+    error: Option<String>,
+    mode: String,
+    pause_us: f64,
+    pause: PauseJson,
+    bytes_written: f64,
+    file_size: f64,
+    warnings: Vec<String>,
 }
 
-/// The string in `"key":"..."` of a JSON text (escapes kept as they are, except `\"`).
-fn json_str(s: &str, key: &str) -> Option<String> {
-    let pat = format!("\"{key}\":\"");
-    let rest = &s[s.find(&pat)? + pat.len()..];
-    let mut out = String::new();
-    let mut chars = rest.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' => return Some(out),
-            '\\' => match chars.next()? {
-                'n' => out.push(' '),
-                c => out.push(c),
-            },
-            c => out.push(c),
-        }
+/// The pause by phase (µs), and when it began (CLOCK_MONOTONIC ns).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct PauseJson {
+    stop_us: f64,
+    capture_us: f64,
+    clone_us: f64,
+    release_us: f64,
+    estimate_us: f64,
+    started_ns: u64,
+}
+
+impl DumpJson {
+    /// Parses the last line of `stdout` that holds a JSON object.
+    fn parse(stdout: &str) -> Result<DumpJson, String> {
+        let line = stdout
+            .lines()
+            .rev()
+            .find(|l| l.trim_start().starts_with('{'))
+            .ok_or_else(|| format!("no JSON object in coreflect's output {stdout:?}"))?;
+        serde_json::from_str(line).map_err(|e| format!("coreflect's JSON {line:?}: {e}"))
     }
-    None
-}
-
-/// The text inside `"warnings":[...]` (the last key of coreflect's report).
-fn json_warnings(s: &str) -> Option<String> {
-    let pat = "\"warnings\":[";
-    let start = s.find(pat)? + pat.len();
-    let end = s.rfind(']')?;
-    let w = s.get(start..end)?.trim();
-    (!w.is_empty()).then(|| w.to_string())
 }
 
 /// Disk space of a file (`st_blocks` × 512) and its apparent size.
@@ -514,32 +514,25 @@ fn dump(ctx: &Ctx, t: &mut Target, sc: &Scenario, mode: &str) -> Result<Sample, 
         .args(["--json", "--overwrite", "-q", "--mode", mode]);
     let m = run_measured(&mut cmd, tool_timeout(sc, 60.0, 30.0))?;
     let whole_run = gap(t)?;
-    let json = m
-        .stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .unwrap_or("")
-        .to_string();
+    let json = DumpJson::parse(&m.stdout);
     if !m.success() {
-        return Err(match json_str(&json, "error") {
+        return Err(match json.ok().and_then(|j| j.error) {
             Some(e) => format!("coreflect {}: {e}", m.status()),
             None => format!("coreflect {}", m.failure()),
         });
     }
-    let got = json_str(&json, "mode").unwrap_or_default();
-    if got != mode {
+    let json = json?;
+    if json.mode != mode {
         return Err(format!(
-            "coreflect used mode '{got}' where '{mode}' was asked (output {json:?})"
+            "coreflect used mode '{}' where '{mode}' was asked (output {json:?})",
+            json.mode
         ));
     }
-    let num = |k: &str| json_num(&json, k).ok_or_else(|| format!("no {k} in {json:?}"));
     // What the target saw of the pause itself: its longest stop overlapping the pause
     // coreflect reports (+1 ms of slack), not scheduling noise later in the write.
-    let seen = match json_num(&json, "started_ns") {
-        Some(start) if start > 0.0 => {
-            let from = start as u64;
-            let to = from + (num("pause_us")? * 1000.0) as u64 + 1_000_000;
+    let seen = match json.pause.started_ns {
+        from if from > 0 => {
+            let to = from + (json.pause_us * 1000.0) as u64 + 1_000_000;
             gap_within(t, from, to)?.unwrap_or(0.0)
         }
         _ => whole_run,
@@ -547,21 +540,21 @@ fn dump(ctx: &Ctx, t: &mut Target, sc: &Scenario, mode: &str) -> Result<Sample, 
     let (blocks, size) = usage(&path)?;
     Ok(Sample {
         seen_us: Some(seen),
-        tool_us: Some(num("pause_us")?),
+        tool_us: Some(json.pause_us),
         wall_s: Some(m.wall.as_secs_f64()),
-        written: Some(num("bytes_written")?),
-        file_size: Some(num("file_size")?.max(size as f64)),
+        written: Some(json.bytes_written),
+        file_size: Some(json.file_size.max(size as f64)),
         blocks: Some(blocks as f64),
         rss_kib: Some(m.maxrss_kib as f64),
         cpu_s: Some(m.cpu.as_secs_f64()),
         breakdown: Some([
-            num("stop_us")?,
-            num("capture_us")?,
-            num("clone_us")?,
-            num("release_us")?,
-            num("estimate_us")?,
+            json.pause.stop_us,
+            json.pause.capture_us,
+            json.pause.clone_us,
+            json.pause.release_us,
+            json.pause.estimate_us,
         ]),
-        warnings: json_warnings(&json),
+        warnings: (!json.warnings.is_empty()).then(|| json.warnings.join("; ")),
     })
 }
 
@@ -940,17 +933,17 @@ mod tests {
 
     #[test]
     fn parses_json() {
-        let j = r#"{"pid":1,"path":"/x","mode":"reflect","pause_us":3560,"pause":{"stop_us":180},"bytes_written":17000000,"warnings":["a \"b\"","c"]}"#;
-        assert_eq!(json_num(j, "pause_us"), Some(3560.0));
-        assert_eq!(json_num(j, "stop_us"), Some(180.0));
-        assert_eq!(json_num(j, "bytes_written"), Some(17e6));
-        assert_eq!(json_str(j, "mode").as_deref(), Some("reflect"));
-        assert_eq!(json_warnings(j).as_deref(), Some(r#""a \"b\"","c""#));
-        assert_eq!(json_warnings(r#"{"warnings":[]}"#), None);
-        assert_eq!(
-            json_str(r#"{"error":"no \"such\" pid"}"#, "error").as_deref(),
-            Some("no \"such\" pid")
-        );
+        let out = "noise\n{\"pid\":1,\"path\":\"/x\",\"mode\":\"reflect\",\"pause_us\":3560,\"pause\":{\"stop_us\":180,\"started_ns\":7},\"bytes_written\":17000000,\"warnings\":[\"a \\\"b\\\"\",\"c\"]}\n";
+        let j = DumpJson::parse(out).unwrap();
+        assert_eq!(j.pause_us, 3560.0);
+        assert_eq!(j.pause.stop_us, 180.0);
+        assert_eq!(j.pause.started_ns, 7);
+        assert_eq!(j.bytes_written, 17e6);
+        assert_eq!(j.mode, "reflect");
+        assert_eq!(j.warnings, ["a \"b\"", "c"]);
+        let e = DumpJson::parse(r#"{"error":"no \"such\" pid"}"#).unwrap();
+        assert_eq!(e.error.as_deref(), Some("no \"such\" pid"));
+        assert!(DumpJson::parse("no json").is_err());
     }
 
     #[test]

@@ -1,27 +1,9 @@
 //! Rendering reports, errors and progress.
 
 use coreflect::DumpReport;
+use serde::Serialize;
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
-
-/// Quotes a string for JSON.
-pub fn json_str(s: &str) -> String {
-    let mut o = String::with_capacity(s.len() + 2);
-    o.push('"');
-    for ch in s.chars() {
-        match ch {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            '\n' => o.push_str("\\n"),
-            '\r' => o.push_str("\\r"),
-            '\t' => o.push_str("\\t"),
-            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}
 
 /// Human-readable byte count.
 pub fn bytes(n: u64) -> String {
@@ -41,32 +23,63 @@ fn ms(us: u64) -> String {
     format!("{:.2} ms", us as f64 / 1000.0)
 }
 
+/// `--json`'s report of a successful dump (the field names are the interface).
+#[derive(Serialize)]
+struct JsonReport<'a> {
+    pid: i32,
+    path: String,
+    mode: &'a str,
+    threads: usize,
+    segments: usize,
+    pause_us: u64,
+    pause: JsonPause,
+    bytes_written: u64,
+    file_size: u64,
+    unpopulated_bytes: u64,
+    zero_bytes: u64,
+    written_by_clone: u64,
+    duration_ms: u64,
+    warnings: &'a [String],
+}
+
+/// The pause by phase, in µs (`started_ns`: CLOCK_MONOTONIC when it began).
+#[derive(Serialize)]
+struct JsonPause {
+    stop_us: u64,
+    capture_us: u64,
+    clone_us: u64,
+    release_us: u64,
+    estimate_us: u64,
+    started_ns: u64,
+}
+
 /// The report of a successful dump as one JSON object.
 pub fn report_json(r: &DumpReport) -> String {
     let p = &r.pause;
-    let warnings: Vec<String> = r.warnings.iter().map(|w| json_str(w)).collect();
-    format!(
-        "{{\"pid\":{},\"path\":{},\"mode\":{},\"threads\":{},\"segments\":{},\"pause_us\":{},\"pause\":{{\"stop_us\":{},\"capture_us\":{},\"clone_us\":{},\"release_us\":{},\"estimate_us\":{},\"started_ns\":{}}},\"bytes_written\":{},\"file_size\":{},\"unpopulated_bytes\":{},\"zero_bytes\":{},\"written_by_clone\":{},\"duration_ms\":{},\"warnings\":[{}]}}",
-        r.pid,
-        json_str(&r.path.display().to_string()),
-        json_str(r.mode.as_str()),
-        r.threads,
-        r.segments,
-        p.total_us,
-        p.stop_us,
-        p.capture_us,
-        p.clone_us,
-        p.release_us,
-        p.estimate_us,
-        p.started_ns,
-        r.bytes_written,
-        r.file_size,
-        r.unpopulated_bytes,
-        r.zero_bytes,
-        r.written_by_clone,
-        r.duration_ms,
-        warnings.join(",")
-    )
+    let report = JsonReport {
+        pid: r.pid,
+        path: r.path.display().to_string(),
+        mode: r.mode.as_str(),
+        threads: r.threads,
+        segments: r.segments,
+        pause_us: p.total_us,
+        pause: JsonPause {
+            stop_us: p.stop_us,
+            capture_us: p.capture_us,
+            clone_us: p.clone_us,
+            release_us: p.release_us,
+            estimate_us: p.estimate_us,
+            started_ns: p.started_ns,
+        },
+        bytes_written: r.bytes_written,
+        file_size: r.file_size,
+        unpopulated_bytes: r.unpopulated_bytes,
+        zero_bytes: r.zero_bytes,
+        written_by_clone: r.written_by_clone,
+        duration_ms: r.duration_ms,
+        warnings: &r.warnings,
+    };
+    serde_json::to_string(&report).expect("a report serializes")
 }
 
 /// Prints the report of a successful dump.
@@ -127,7 +140,7 @@ pub fn success(json: bool, r: &DumpReport) {
 pub fn error(json: bool, err: &coreflect::Error) {
     eprintln!("coreflect: error: {err}");
     if json {
-        println!("{{\"error\":{}}}", json_str(&err.to_string()));
+        println!("{}", serde_json::json!({ "error": err.to_string() }));
     }
 }
 

@@ -293,30 +293,6 @@ fn seccomp_target_with_and_without_cap_sys_admin() {
     assert_undisturbed(&t.quit());
 }
 
-#[test]
-fn example_snapshot_prints_threads_and_value() {
-    let ex = exe().parent().unwrap().join("examples/snapshot");
-    assert!(
-        ex.exists(),
-        "{} missing: `cargo test --workspace` builds it",
-        ex.display()
-    );
-    let t = Target::spawn(&["--heap-mib", "1"]);
-    let o = Command::new(&ex)
-        .args([t.pid.to_string(), format!("{:x}", t.get("marker_addr"))])
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(out.contains(&format!("threads={}", t.threads())), "{out}");
-    assert!(
-        out.contains(&format!("u64={:#x}", t.get("marker"))),
-        "{out}"
-    );
-    assert!(children(t.pid).is_empty());
-    assert_undisturbed(&t.quit());
-}
-
 /// The state letter of a process.
 fn state(pid: i32) -> char {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

@@ -185,3 +185,34 @@ fn the_reader_finds_what_the_writer_wrote() {
     assert_undisturbed(&t.quit());
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// The library's example (`cargo test -p coreflect` builds it next to this test).
+#[test]
+fn example_snapshot_prints_threads_and_value() {
+    let deps = std::env::current_exe().unwrap();
+    let ex = deps
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/snapshot");
+    assert!(
+        ex.exists(),
+        "{} missing: `cargo test -p coreflect` builds it",
+        ex.display()
+    );
+    let t = Target::spawn(&["--heap-mib", "1"]);
+    let o = std::process::Command::new(&ex)
+        .args([t.pid.to_string(), format!("{:x}", t.get("marker_addr"))])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains(&format!("threads={}", t.threads())), "{out}");
+    assert!(
+        out.contains(&format!("u64={:#x}", t.get("marker"))),
+        "{out}"
+    );
+    assert!(t.children().is_empty());
+    assert_undisturbed(&t.quit());
+}

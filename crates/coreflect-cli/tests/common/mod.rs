@@ -217,35 +217,45 @@ pub fn coreflect(args: &[&str]) -> Output {
         .expect("run coreflect")
 }
 
-/// A JSON report (flat fields only, enough for the tests).
+/// A JSON report (`coreflect dump --json`'s stdout).
 #[derive(Debug)]
 pub struct Json(pub String);
 
 impl Json {
-    /// A raw field value (number, or string without quotes).
-    pub fn get(&self, key: &str) -> Option<String> {
-        let pat = format!("\"{key}\":");
-        let at = self.0.find(&pat)? + pat.len();
-        let rest = &self.0[at..];
-        if let Some(r) = rest.strip_prefix('"') {
-            let end = r.find('"')?;
-            Some(r[..end].to_string())
-        } else {
-            let end = rest.find([',', '}']).unwrap_or(rest.len());
-            Some(rest[..end].to_string())
-        }
+    fn value(&self) -> serde_json::Value {
+        serde_json::from_str(&self.0).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.0))
     }
+
+    /// A field of the report or of its `pause` object: a string's text, a number's digits.
+    pub fn get(&self, key: &str) -> Option<String> {
+        let v = self.value();
+        let f = v.get(key).or_else(|| v.get("pause")?.get(key))?.clone();
+        Some(match f {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        })
+    }
+
     /// A numeric field.
     pub fn num(&self, key: &str) -> u64 {
-        self.get(key)
-            .unwrap_or_else(|| panic!("no {key} in {}", self.0))
-            .parse()
-            .unwrap()
+        let v = self.value();
+        v.get(key)
+            .or_else(|| v.get("pause")?.get(key))
+            .and_then(|n| n.as_u64())
+            .unwrap_or_else(|| panic!("no number {key} in {}", self.0))
     }
-    /// The warnings array's raw text.
+
+    /// The warnings, one a line ("" when there are none).
     pub fn warnings(&self) -> String {
-        let at = self.0.find("\"warnings\":[").map(|i| i + 12).unwrap_or(0);
-        self.0[at..].trim_end_matches(['}', ']']).to_string()
+        let v = self.value();
+        let w = v
+            .get("warnings")
+            .and_then(|w| w.as_array())
+            .unwrap_or_else(|| panic!("no warnings array in {}", self.0));
+        w.iter()
+            .map(|x| x.as_str().expect("a warning is a string"))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
