@@ -136,11 +136,37 @@ pub fn success(json: bool, r: &DumpReport) {
     }
 }
 
+/// What to do about `err` with this command's options (the library names none).
+pub fn hint(err: &coreflect::Error) -> Option<&'static str> {
+    use coreflect::Error as E;
+    Some(match err {
+        E::StopTimeout { .. } => "raise --stop-timeout",
+        E::ReflectUnavailable { .. } => {
+            "use --mode suspend (or auto) to dump with the target stopped"
+        }
+        E::PauseTooLong { .. } => "raise --max-pause",
+        E::Output { source, .. } => match source.raw_os_error() {
+            Some(libc::EEXIST) => "--overwrite replaces it, -o chooses another path",
+            _ => "-o chooses another path",
+        },
+        _ => return None,
+    })
+}
+
+/// The whole message of `err`: what failed, each cause, and this command's hint.
+pub fn error_text(err: &coreflect::Error) -> String {
+    match hint(err) {
+        Some(h) => format!("{}; {h}", err.with_causes()),
+        None => err.with_causes(),
+    }
+}
+
 /// Prints an error: one line on stderr (and a JSON object on stdout with `--json`).
 pub fn error(json: bool, err: &coreflect::Error) {
-    eprintln!("coreflect: error: {err}");
+    let text = error_text(err);
+    eprintln!("coreflect: error: {text}");
     if json {
-        println!("{}", serde_json::json!({ "error": err.to_string() }));
+        println!("{}", serde_json::json!({ "error": text }));
     }
 }
 

@@ -29,7 +29,7 @@ fn main() {
     let snap = match Snapshot::capture(pid, &Options::default()) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("snapshot: {e}");
+            eprintln!("snapshot: {}", e.with_causes());
             std::process::exit(1);
         }
     };

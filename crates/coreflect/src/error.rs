@@ -3,6 +3,10 @@
 //! Every variant names what failed and, where there is one, what the user can do about it.
 //! Problems that do not stop a dump (an unreadable range, a thread that vanished) are not
 //! errors: they are collected as warnings in the [`crate::dump::DumpReport`].
+//!
+//! A message does not repeat its cause: the underlying OS error is the variant's
+//! [`std::error::Error::source`], for the caller to print after it (`{:#}` with anyhow, or
+//! walking the chain). Messages name no command-line option: a front end adds its own hints.
 
 use std::io;
 use std::path::PathBuf;
@@ -12,6 +16,7 @@ pub type Pid = i32;
 
 /// The error type of every fallible coreflect operation.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The pid is not a process on this system.
     #[error("no process with pid {pid}: check the pid (it may have exited)")]
@@ -84,7 +89,7 @@ pub enum Error {
         pid: Pid,
     },
     /// A thread did not stop within the time allowed.
-    #[error("thread {tid} of pid {pid} did not stop within {millis} ms (state {state}); it may be in uninterruptible sleep (D state): try again later, or raise --stop-timeout")]
+    #[error("thread {tid} of pid {pid} did not stop within {millis} ms (state {state}); it may be in uninterruptible sleep (D state): try again later, or allow it longer to stop")]
     StopTimeout {
         /// The target.
         pid: Pid,
@@ -96,7 +101,7 @@ pub enum Error {
         state: String,
     },
     /// A ptrace request failed unexpectedly.
-    #[error("ptrace {op} on thread {tid} failed: {source}")]
+    #[error("ptrace {op} on thread {tid} failed")]
     Ptrace {
         /// The request name.
         op: &'static str,
@@ -107,7 +112,7 @@ pub enum Error {
         source: io::Error,
     },
     /// Reading a /proc file failed.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Proc {
         /// The file.
         path: PathBuf,
@@ -124,7 +129,7 @@ pub enum Error {
         detail: String,
     },
     /// Creating or writing the output failed.
-    #[error("{what} {path}: {source}{hint}")]
+    #[error("{what} {path}")]
     Output {
         /// What we were doing.
         what: &'static str,
@@ -133,11 +138,14 @@ pub enum Error {
         /// The OS error.
         #[source]
         source: io::Error,
-        /// What to do (with a leading "; "), or empty.
+        /// What to do (with a leading "; "), or empty; it names no command-line option.
+        /// Not in the message, as it reads after the cause: [`Error::with_causes`] ends with it.
         hint: String,
     },
     /// Reflection (the copy-on-write clone) cannot be used for this target.
-    #[error("cannot reflect pid {pid}: {reason}; use --mode suspend (or auto) to dump with the target stopped")]
+    /// (Suspend mode, `Mode::Suspend`, can dump it: the target stays stopped for the whole
+    /// write; `Mode::Auto` falls back to it.)
+    #[error("cannot reflect pid {pid}: {reason}")]
     ReflectUnavailable {
         /// The target.
         pid: Pid,
@@ -145,7 +153,7 @@ pub enum Error {
         reason: String,
     },
     /// The estimated pause exceeds the caller's limit.
-    #[error("estimated pause {estimate_ms:.1} ms for pid {pid} exceeds the limit {limit_ms:.1} ms; nothing was stopped (raise --max-pause, or dump at a quieter time)")]
+    #[error("estimated pause {estimate_ms:.1} ms for pid {pid} exceeds the limit {limit_ms:.1} ms; nothing was stopped (raise the limit, or dump at a quieter time)")]
     PauseTooLong {
         /// The target.
         pid: Pid,
@@ -178,7 +186,7 @@ pub enum Error {
     #[error("cancelled: the target was released and no file was left")]
     Cancelled,
     /// Any other I/O error, with context.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What we were doing.
         what: String,
@@ -200,6 +208,22 @@ impl Error {
         }
     }
 
+    /// The message followed by each of its causes, then what to do where the message
+    /// could not say it before the cause: `message: cause: cause; advice`.
+    pub fn with_causes(&self) -> String {
+        let mut s = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            s.push_str(": ");
+            s.push_str(&c.to_string());
+            cause = c.source();
+        }
+        if let Error::Output { hint, .. } = self {
+            s.push_str(hint);
+        }
+        s
+    }
+
     /// The raw OS error number underneath, if any.
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
@@ -209,5 +233,36 @@ impl Error {
             | Error::Io { source, .. } => source.raw_os_error(),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_print_once_after_the_message() {
+        let e = Error::Output {
+            what: "cannot create",
+            path: "/x/y".into(),
+            source: io::Error::from_raw_os_error(libc::ENOENT),
+            hint: "; the directory does not exist: create it".into(),
+        };
+        assert_eq!(e.to_string(), "cannot create /x/y");
+        let full = e.with_causes();
+        assert!(
+            full.starts_with("cannot create /x/y: No such file or directory"),
+            "{full}"
+        );
+        assert!(
+            full.ends_with("; the directory does not exist: create it"),
+            "{full}"
+        );
+        let p = Error::Ptrace {
+            op: "GETREGS",
+            tid: 7,
+            source: io::Error::from_raw_os_error(libc::ESRCH),
+        };
+        assert_eq!(p.with_causes().matches("No such process").count(), 1);
     }
 }

@@ -22,6 +22,7 @@ pub const DEFAULT_FILTER: u32 = 0x33;
 
 /// How much of a mapping to dump.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Extent {
     /// Nothing: a PT_LOAD with `p_filesz = 0`.
     None,

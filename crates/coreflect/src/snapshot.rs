@@ -244,8 +244,9 @@ impl CloneGuard {
             )),
             Err(Error::NoSuchProcess { .. }) | Err(Error::ProcessExited { .. }) => None,
             Err(e) => Some(format!(
-                "could not reap the clone {clone}'s zombie in pid {}: {e}; the next dump reaps it",
-                self.target
+                "could not reap the clone {clone}'s zombie in pid {}: {}; the next dump reaps it",
+                self.target,
+                e.with_causes()
             )),
         }
     }
@@ -493,7 +494,10 @@ impl Snapshot {
                     Ok(n) => warnings.push(format!(
                         "reaped {n} leftover clone zombie(s) of an earlier interrupted dump"
                     )),
-                    Err(e) => warnings.push(format!("could not reap leftover clone zombies: {e}")),
+                    Err(e) => warnings.push(format!(
+                        "could not reap leftover clone zombies: {}",
+                        e.with_causes()
+                    )),
                 }
             }
         }

@@ -16,6 +16,7 @@ use std::os::unix::fs::FileExt;
 
 /// Where a segment's bytes are read from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Source {
     /// The frozen image (the clone, or the stopped target in suspend mode).
     Image,

@@ -5,6 +5,7 @@ use crate::error::{Error, Pid, Result};
 
 /// What kind of mapping a [`Mapping`] is, by its name in the map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum MappingKind {
     /// Backed by a file (it has an inode).
     File,
