@@ -344,7 +344,7 @@ pub fn seq_writer(base: usize, pages: usize, stride: usize) {
             unsafe { std::ptr::write_volatile((base + p * stride) as *mut u64, n) };
         }
         n += 1;
-        if n % 64 == 0 {
+        if n.is_multiple_of(64) {
             std::thread::sleep(Duration::from_micros(200));
         }
     }

@@ -3,7 +3,7 @@
 //! thread's `NT_PRFPREG` and `NT_X86_XSTATE`; then every other thread's `NT_PRSTATUS`,
 //! `NT_PRFPREG`, `NT_X86_XSTATE`; last `NT_X86_XSAVE_LAYOUT`.
 
-use super::types::{ElfPrpsinfo, ElfPrstatus, ElfSiginfo, Pod, Timeval};
+use super::types::{ElfPrpsinfo, ElfPrstatus, ElfSiginfo, Pod, Siginfo, Timeval};
 use super::*;
 use crate::arch::x86_64 as arch;
 use crate::proc::{Mapping, MappingKind, ProcessInfo, ThreadTimes};
@@ -23,7 +23,7 @@ pub fn push_note(out: &mut Vec<u8>, name: &str, ntype: u32, desc: &[u8]) {
 }
 
 fn pad4(out: &mut Vec<u8>) {
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }
@@ -116,10 +116,11 @@ pub fn prpsinfo(p: &ProcessInfo) -> Vec<u8> {
 /// The 128-byte `siginfo_t` of the first thread: the real one if it was stopped on a signal,
 /// else zeros.
 pub fn siginfo(t: &ThreadState) -> Vec<u8> {
-    match t.siginfo {
-        Some(si) if cursig(t) != 0 => si.to_vec(),
-        _ => vec![0u8; 128],
-    }
+    let si = match &t.siginfo {
+        Some(si) if cursig(t) != 0 => Siginfo::from_bytes(si).unwrap_or_default(),
+        _ => Siginfo::default(),
+    };
+    si.as_bytes().to_vec()
 }
 
 /// `NT_FILE` in the kernel's convention (page size in bytes, offsets in pages).

@@ -252,6 +252,23 @@ pod! {
     size = 136;
 }
 
+pod! {
+    /// `siginfo_t` as the kernel copies it to user space (`NT_SIGINFO`, 128 bytes).
+    pub struct Siginfo {
+        /// `si_signo`.
+        pub si_signo: i32,
+        /// `si_errno`.
+        pub si_errno: i32,
+        /// `si_code`.
+        pub si_code: i32,
+        /// Padding before the union.
+        pub _pad0: [u8; 4],
+        /// The union (`_sifields`): sender pid/uid, fault address, ... by `si_code`.
+        pub fields: [u8; 112],
+    }
+    size = 128;
+}
+
 /// One `NT_FILE` entry: a file-backed mapping.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileEntry {
@@ -307,6 +324,9 @@ mod tests {
         assert_eq!(offset_of!(ElfPrpsinfo, pr_pid), 24);
         assert_eq!(offset_of!(ElfPrpsinfo, pr_fname), 40);
         assert_eq!(offset_of!(ElfPrpsinfo, pr_psargs), 56);
+        assert_eq!(offset_of!(Siginfo, si_code), 8);
+        assert_eq!(offset_of!(Siginfo, fields), 16);
+        assert_eq!(size_of::<libc::siginfo_t>(), size_of::<Siginfo>());
         assert_eq!(offset_of!(Elf64Ehdr, e_phoff), 32);
         assert_eq!(offset_of!(Elf64Ehdr, e_phnum), 56);
         assert_eq!(offset_of!(Elf64Shdr, sh_size), 32);
