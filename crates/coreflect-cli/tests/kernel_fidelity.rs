@@ -359,20 +359,6 @@ fn compare(mode: &str) {
             (a, b) => x.eq(&w("NT_X86_XSTATE present"), a.is_some(), b.is_some()),
         }
     }
-    assert!(
-        distinct_masks.len() >= 8,
-        "the target's threads should have distinct masks: {distinct_masks:x?}"
-    );
-    let main = o.threads.get(&o.first_tid).map(|t| t.0.pr_sigpend);
-    assert_eq!(
-        o.threads
-            .values()
-            .find(|t| t.0.pr_pid == oc_pid(&o))
-            .map(|t| t.0.pr_sigpend),
-        Some(1 << (libc::SIGUSR2 - 1)),
-        "the main thread's pending SIGUSR2 (first thread's: {main:x?})"
-    );
-
     // ---- the process ----
     let op = ElfPrpsinfo::from_bytes(&note(&o, NT_PRPSINFO).desc).unwrap();
     let kp = ElfPrpsinfo::from_bytes(&note(&k, NT_PRPSINFO).desc).unwrap();
@@ -445,6 +431,21 @@ fn compare(mode: &str) {
             x.0.join("\n  ")
         );
     }
+    // The target is what the comparison needs: distinct masks, a pending signal.
+    assert!(
+        distinct_masks.len() >= 8,
+        "the target's threads should have distinct masks: {distinct_masks:x?}"
+    );
+    let main = o.threads.get(&o.first_tid).map(|t| t.0.pr_sigpend);
+    assert_eq!(
+        o.threads
+            .values()
+            .find(|t| t.0.pr_pid == oc_pid(&o))
+            .map(|t| t.0.pr_sigpend),
+        Some(1 << (libc::SIGUSR2 - 1)),
+        "the main thread's pending SIGUSR2 (first thread's: {main:x?})"
+    );
+
     let _ = std::fs::remove_dir_all(&d);
 }
 
