@@ -46,7 +46,7 @@ pub fn report_json(r: &DumpReport) -> String {
     let p = &r.pause;
     let warnings: Vec<String> = r.warnings.iter().map(|w| json_str(w)).collect();
     format!(
-        "{{\"pid\":{},\"path\":{},\"mode\":{},\"threads\":{},\"segments\":{},\"pause_us\":{},\"pause\":{{\"stop_us\":{},\"capture_us\":{},\"clone_us\":{},\"release_us\":{},\"estimate_us\":{},\"started_ns\":{}}},\"bytes_written\":{},\"file_size\":{},\"unpopulated_bytes\":{},\"zero_bytes\":{},\"written_by_clone\":{},\"duration_ms\":{},\"warnings\":[{}]}}",
+        "{{\"pid\":{},\"path\":{},\"mode\":{},\"threads\":{},\"segments\":{},\"pause_us\":{},\"pause\":{{\"stop_us\":{},\"capture_us\":{},\"clone_us\":{},\"release_us\":{},\"estimate_us\":{},\"started_ns\":{},\"reap_us\":{}}},\"bytes_written\":{},\"file_size\":{},\"unpopulated_bytes\":{},\"zero_bytes\":{},\"written_by_clone\":{},\"duration_ms\":{},\"warnings\":[{}]}}",
         r.pid,
         json_str(&r.path.display().to_string()),
         json_str(r.mode.as_str()),
@@ -59,6 +59,7 @@ pub fn report_json(r: &DumpReport) -> String {
         p.release_us,
         p.estimate_us,
         p.started_ns,
+        p.reap_us,
         r.bytes_written,
         r.file_size,
         r.unpopulated_bytes,
@@ -96,6 +97,13 @@ pub fn success(json: bool, r: &DumpReport) {
             ms(p.capture_us),
             ms(p.estimate_us)
         );
+        if p.reap_us > 0 {
+            let _ = writeln!(
+                e,
+                "  and paused {} at the end, while the clone's zombie was reaped unseen",
+                ms(p.reap_us)
+            );
+        }
     } else {
         let _ = writeln!(
             e,
