@@ -28,6 +28,7 @@ fn no_children_soon(pid: i32) -> bool {
 /// The core is one our reader opens, holding the target's marker, and one gdb reads with
 /// `threads` threads and a backtrace.
 fn assert_valid_core(t: &Target, core: &Path, threads: usize) {
+    let leader_exited = status_field(t.pid, "State").starts_with('Z');
     let cf = CoreFile::open(core).expect("our reader opens the core");
     let b = cf
         .read(t.get("marker_addr"), 8)
@@ -40,7 +41,7 @@ fn assert_valid_core(t: &Target, core: &Path, threads: usize) {
         .filter(|l| l.contains("(LWP "))
         // gdb's libthread_db lists an exited main thread (no registers) from glibc's own
         // thread list; only the threads in the core count here.
-        .filter(|l| !l.contains(&format!("(LWP {})", t.pid)))
+        .filter(|l| !(leader_exited && l.contains(&format!("(LWP {})", t.pid))))
         .filter(|l| {
             l.trim_start()
                 .starts_with(|c: char| c == '*' || c.is_ascii_digit())
@@ -244,6 +245,7 @@ fn clone_is_invisible_to_a_thread_in_vfork() {
         let core = d.join(format!("{i}.core"));
         let json = dump(t.pid, &core, &["--stop-timeout", "5s"]);
         assert_eq!(json.get("mode").as_deref(), Some("reflect"), "{}", json.0);
+        assert!(!json.warnings().contains("zombie"), "{}", json.0);
         assert!(t.ping());
         t.assert_free();
         std::fs::remove_file(&core).unwrap();

@@ -124,8 +124,8 @@ extern "C" fn vfork_child(_: *mut libc::c_void) -> libc::c_int {
 
 /// Calls `clone(CLONE_VM|CLONE_VFORK)` (what `vfork` and `posix_spawn` do) in a loop: the
 /// thread sits in uninterruptible sleep while each child lives (3 s, longer than a
-/// default stop timeout), and then reaps with
-/// `waitpid(-1, __WALL)`, counting any child that is not its own.
+/// default stop timeout), and then reaps with `waitpid(-1, __WALL)` and polls once more
+/// with `WNOHANG|__WALL`, counting any child that is not its own.
 #[inline(never)]
 pub fn vfork_loop() {
     let mut stack = vec![0u8; 64 << 10];
@@ -151,6 +151,12 @@ pub fn vfork_loop() {
             let r = unsafe { libc::waitpid(-1, &mut st, WALL) };
             if r == pid {
                 VFORKS.fetch_add(1, SeqCst);
+                // Its own child came first (the kernel scans this thread's children
+                // first): look once more for anyone else's.
+                // SAFETY: plain waitpid with a valid status pointer.
+                if unsafe { libc::waitpid(-1, &mut st, libc::WNOHANG | WALL) } > 0 {
+                    VFORK_FOREIGN.fetch_add(1, SeqCst);
+                }
                 break;
             }
             if r > 0 {

@@ -43,7 +43,7 @@ pub struct TargetOptions {
     pub seq_pages: usize,
     /// Size of a MADV_WIPEONFORK region (KiB), 0 for none.
     pub wipeonfork_kib: usize,
-    /// Install a seccomp filter that kills the process on `clone`.
+    /// Install a seccomp filter that kills the process on `clone`, on every thread.
     pub seccomp_kill_clone: bool,
     /// Reserve this many MiB of anonymous memory...
     pub sparse_reserve_mib: usize,
@@ -455,16 +455,22 @@ fn install_seccomp_kill_clone() {
         len: prog.len() as u16,
         filter: prog.as_ptr() as *mut _,
     };
+    // On every thread (TSYNC): the threads already run. (seccomp is per thread: without
+    // TSYNC only the calling thread would be filtered.)
+    // SAFETY: the seccomp syscall with a filter program that lives until it returns (the
+    // kernel copies it); no_new_privs first, as an unprivileged filter requires.
     unsafe {
         assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
         assert_eq!(
-            libc::prctl(
-                libc::PR_SET_SECCOMP,
-                libc::SECCOMP_MODE_FILTER,
-                &fprog as *const _
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                libc::SECCOMP_FILTER_FLAG_TSYNC,
+                &fprog as *const libc::sock_fprog
             ),
             0,
-            "seccomp filter"
+            "seccomp filter: {}",
+            std::io::Error::last_os_error()
         );
     }
 }
