@@ -122,7 +122,7 @@ impl HugePool {
             .unwrap()
             .lines()
             .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.trim().split_whitespace().next()?.parse().ok())
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .unwrap_or(0)
     }
     /// Makes exactly `free` more 2 MiB pages free, or None (skipped visibly; a failure in CI).
@@ -300,7 +300,7 @@ fn process_whose_main_thread_exited_is_dumped() {
     let d = tmpdir("harm-exit-main");
     let mut t = Target::spawn(&["--heap-mib", "1", "--exit-main"]);
     let end = Instant::now() + Duration::from_secs(10);
-    while status_field(t.pid, "State").chars().next() != Some('Z') {
+    while !status_field(t.pid, "State").starts_with('Z') {
         assert!(Instant::now() < end, "the main thread did not exit");
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -114,6 +114,7 @@ fn find_insn(mm: Pid, known: u64, regs: &[Regs]) -> Option<u64> {
 /// is stopped (see the module documentation). `clone_ns` is the clone's pid in the
 /// target's pid namespace; `insn` the instruction the clone syscall was borrowed from;
 /// `options` extra ptrace options for the injection (`PTRACE_O_SUSPEND_SECCOMP`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn kill_and_reap(
     target: Pid,
     target_start: u64,
