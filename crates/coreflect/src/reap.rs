@@ -90,24 +90,45 @@ fn collect(clone: Pid) {
     }
 }
 
-/// A `syscall` instruction to borrow in the target now: its vDSO's if executable, else the
-/// one the clone used if it is still there in executable memory, else one a stopped thread
-/// is blocked behind. `mm` is a live thread's id (its /proc files describe the process's
-/// memory even when the main thread has exited).
-fn find_insn(mm: Pid, known: u64, regs: &[Regs]) -> Option<u64> {
-    let maps = proc::maps::read_maps(mm).ok()?;
-    let mem = ProcMem::open(mm).ok()?;
+/// A `syscall` instruction to borrow, looked up before the stop: the vDSO's if executable,
+/// else the one the clone used if it is still there in executable memory. `mm` is a live
+/// thread's id (its /proc files describe the process's memory even when the main thread
+/// has exited). Returns the memory handle it was read through, to check it again inside
+/// the stop (after an `exec` that handle no longer reads the process).
+fn candidate_insn(mm: Pid, known: u64) -> (Option<ProcMem>, Option<u64>) {
+    let Ok(mem) = ProcMem::open(mm) else {
+        return (None, None);
+    };
+    let Ok(maps) = proc::maps::read_maps(mm) else {
+        return (Some(mem), None);
+    };
     if let Some(i) = inject::find_syscall_in_vdso(&maps, &mem) {
-        return Some(i);
+        return (Some(mem), Some(i));
     }
-    let mut b = [0u8; 2];
     let executable = maps
         .iter()
         .any(|m| m.exec && m.start <= known && known + 2 <= m.end);
-    if known != 0 && executable && mem.read_at(known, &mut b).ok() == Some(2) && b == [0x0f, 0x05] {
-        return Some(known);
+    (Some(mem), (known != 0 && executable).then_some(known))
+}
+
+/// Inside the stop: the candidate if it still holds `syscall`, else one a stopped thread is
+/// blocked behind.
+fn find_insn(pre: &(Option<ProcMem>, Option<u64>), mm: Pid, regs: &[Regs]) -> Option<u64> {
+    let mut b = [0u8; 2];
+    if let (Some(mem), Some(i)) = pre {
+        if mem.read_at(*i, &mut b).ok() == Some(2) && b == [0x0f, 0x05] {
+            return Some(*i);
+        }
     }
-    inject::find_syscall_behind_regs(regs, &mem)
+    let fresh;
+    let mem = match &pre.0 {
+        Some(m) if pre.1.is_none() => m,
+        _ => {
+            fresh = ProcMem::open(mm).ok()?;
+            &fresh
+        }
+    };
+    inject::find_syscall_behind_regs(regs, mem)
 }
 
 /// Kills the clone and reaps its zombie inside the target while every thread of the target
@@ -151,6 +172,8 @@ pub(crate) fn kill_and_reap(
             return Reaped::default(); // the target is gone, and its zombie with it
         }
     };
+    let mm = proc::live_thread(target).unwrap_or(target);
+    let pre = candidate_insn(mm, insn);
     let t0 = Instant::now();
     let mut stopped = match StoppedProcess::stop_tolerating_blocked(target, first, stop_timeout) {
         Ok(s) => s,
@@ -166,6 +189,8 @@ pub(crate) fn kill_and_reap(
             };
         }
     };
+    // Everyone is stopped (as in the first pause): hold the CPU until they are released.
+    let boost = crate::snapshot::PauseBoost::new();
     // Registers of the stopped threads: eligibility and a fallback instruction.
     let regs: Vec<(usize, Regs)> = stopped
         .tracees()
@@ -174,8 +199,8 @@ pub(crate) fn kill_and_reap(
         .filter_map(|(i, t)| ptrace::get_regs(t.tid).ok().map(|r| (i, r)))
         .collect();
     let all_regs: Vec<Regs> = regs.iter().map(|(_, r)| *r).collect();
-    let mm = stopped.tracees().first().map(|t| t.tid).unwrap_or(target);
-    let syscall_insn = find_insn(mm, insn, &all_regs);
+    let mm = stopped.tracees().first().map(|t| t.tid).unwrap_or(mm);
+    let syscall_insn = find_insn(&pre, mm, &all_regs);
     let ok = |i: usize, r: &Regs| {
         let t = &stopped.tracees()[i];
         inject::eligible(t.kind, r) && inject::may_inject(target, t.tid, options)
@@ -228,6 +253,7 @@ pub(crate) fn kill_and_reap(
     };
     stopped.release_stopped();
     let reap_us = t0.elapsed().as_micros() as u64;
+    drop(boost);
     stopped.release_all();
     Reaped {
         warning,

@@ -1038,10 +1038,10 @@ fn reflect(
 /// Runs the calling thread under `SCHED_FIFO` for the pause, so the target threads it
 /// releases one by one (and wakes) cannot preempt it while the others still wait. Without
 /// the privilege it does nothing.
-struct PauseBoost(Option<(i32, libc::sched_param)>);
+pub(crate) struct PauseBoost(Option<(i32, libc::sched_param)>);
 
 impl PauseBoost {
-    fn new() -> PauseBoost {
+    pub(crate) fn new() -> PauseBoost {
         unsafe {
             let policy = libc::sched_getscheduler(0);
             let mut old: libc::sched_param = std::mem::zeroed();
