@@ -51,6 +51,7 @@ struct JsonPause {
     release_us: u64,
     estimate_us: u64,
     started_ns: u64,
+    reap_us: u64,
 }
 
 /// The report of a successful dump as one JSON object.
@@ -70,6 +71,7 @@ pub fn report_json(r: &DumpReport) -> String {
             release_us: p.release_us,
             estimate_us: p.estimate_us,
             started_ns: p.started_ns,
+            reap_us: p.reap_us,
         },
         bytes_written: r.bytes_written,
         file_size: r.file_size,
@@ -109,6 +111,13 @@ pub fn success(json: bool, r: &DumpReport) {
             ms(p.capture_us),
             ms(p.estimate_us)
         );
+        if p.reap_us > 0 {
+            let _ = writeln!(
+                e,
+                "  and paused {} at the end, while the clone's zombie was reaped unseen",
+                ms(p.reap_us)
+            );
+        }
     } else {
         let _ = writeln!(
             e,

@@ -20,6 +20,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod harm;
+
 /// The marker a test reads back from the core.
 pub const MARKER_VALUE: u64 = 0xC0DE_F1EC_7ED0_0D1E;
 
@@ -41,7 +43,7 @@ pub struct TargetOptions {
     pub seq_pages: usize,
     /// Size of a MADV_WIPEONFORK region (KiB), 0 for none.
     pub wipeonfork_kib: usize,
-    /// Install a seccomp filter that kills the process on `clone`.
+    /// Install a seccomp filter that kills the process on `clone`, on every thread.
     pub seccomp_kill_clone: bool,
     /// Reserve this many MiB of anonymous memory...
     pub sparse_reserve_mib: usize,
@@ -74,6 +76,18 @@ pub struct TargetOptions {
     /// Give every thread a signal mask of its own (one real-time signal blocked each), and
     /// leave a blocked SIGUSR2 pending on the main thread.
     pub signal_masks: bool,
+    /// One worker thread under a seccomp filter that kills the process on clone/clone3/wait4.
+    pub seccomp_worker: bool,
+    /// Private, unreserved hugetlb memory of this many MiB (0: none).
+    pub hugetlb_private_mib: usize,
+    /// Threads waiting for any child with `__WALL` (one blocked, one polling).
+    pub wait_all: bool,
+    /// The main thread calls `clone(CLONE_VM|CLONE_VFORK)` in a loop (children live 3 s).
+    pub vfork_loop: bool,
+    /// Unmap the vDSO ("unmap") or change its protection ("none", "r").
+    pub vdso: Option<String>,
+    /// The main thread exits (as with `pthread_exit`) once the others run.
+    pub exit_main: bool,
 }
 
 impl Default for TargetOptions {
@@ -98,6 +112,12 @@ impl Default for TargetOptions {
             dontfork_kib: 0,
             many_maps: 0,
             signal_masks: false,
+            seccomp_worker: false,
+            hugetlb_private_mib: 0,
+            wait_all: false,
+            vfork_loop: false,
+            vdso: None,
+            exit_main: false,
         }
     }
 }
@@ -133,6 +153,19 @@ impl TargetOptions {
                 "--signal-masks" => o.signal_masks = true,
                 "--exit-after-ms" => o.exit_after_ms = num(a)? as u64,
                 "--exec-after-ms" => o.exec_after_ms = num(a)? as u64,
+                "--seccomp-worker" => o.seccomp_worker = true,
+                "--hugetlb-private" => o.hugetlb_private_mib = num(a)?,
+                "--wait-all" => o.wait_all = true,
+                "--vfork-loop" => o.vfork_loop = true,
+                "--unmap-vdso" => o.vdso = Some("unmap".into()),
+                "--vdso-prot" => {
+                    let v = it.next().ok_or("--vdso-prot needs none or r")?;
+                    if v != "none" && v != "r" {
+                        return Err("--vdso-prot needs none or r".into());
+                    }
+                    o.vdso = Some(v.clone());
+                }
+                "--exit-main" => o.exit_main = true,
                 other => return Err(format!("unknown option {other}")),
             }
         }
@@ -191,7 +224,12 @@ pub fn monotonic_ns() -> u64 {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if harm::NO_VDSO.load(Relaxed) {
+        // SAFETY: the raw syscall with a valid timespec pointer (the vDSO is unusable).
+        unsafe { libc::syscall(libc::SYS_clock_gettime, libc::CLOCK_MONOTONIC, &mut ts) };
+    } else {
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    }
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
@@ -229,6 +267,11 @@ fn block(signals: &[i32]) {
     }
 }
 
+/// True once the target was asked to quit.
+pub fn quitting() -> bool {
+    QUIT.load(Relaxed)
+}
+
 fn c() -> &'static Counters {
     COUNTERS.get_or_init(Counters::default)
 }
@@ -242,8 +285,8 @@ extern "C" fn on_sigchld(_: libc::c_int) {
 pub fn spin_worker() {
     // Busy in user mode ~1/3 of the time, so benchmarks on a small machine stay fair.
     while !QUIT.load(Relaxed) {
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_micros(500) {
+        let t = monotonic_ns();
+        while monotonic_ns() - t < 500_000 {
             for _ in 0..1000 {
                 std::hint::black_box(c().spins.fetch_add(1, Relaxed));
             }
@@ -275,7 +318,7 @@ pub fn read_worker(fd: i32) {
 #[inline(never)]
 pub fn sleep_worker() {
     while !QUIT.load(Relaxed) {
-        let t = Instant::now();
+        let t = monotonic_ns();
         let req = libc::timespec {
             tv_sec: 0,
             tv_nsec: 300_000_000,
@@ -283,7 +326,7 @@ pub fn sleep_worker() {
         let r = unsafe { libc::nanosleep(&req, std::ptr::null_mut()) };
         if r != 0 {
             c().sleep_err.fetch_add(1, Relaxed);
-        } else if t.elapsed() < Duration::from_millis(300) {
+        } else if monotonic_ns() - t < 300_000_000 {
             c().short_sleep.fetch_add(1, Relaxed);
         }
         c().sleeps.fetch_add(1, Relaxed);
@@ -433,16 +476,22 @@ fn install_seccomp_kill_clone() {
         len: prog.len() as u16,
         filter: prog.as_ptr() as *mut _,
     };
+    // On every thread (TSYNC): the threads already run. (seccomp is per thread: without
+    // TSYNC only the calling thread would be filtered.)
+    // SAFETY: the seccomp syscall with a filter program that lives until it returns (the
+    // kernel copies it); no_new_privs first, as an unprivileged filter requires.
     unsafe {
         assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
         assert_eq!(
-            libc::prctl(
-                libc::PR_SET_SECCOMP,
-                libc::SECCOMP_MODE_FILTER,
-                &fprog as *const _
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                libc::SECCOMP_FILTER_FLAG_TSYNC,
+                &fprog as *const libc::sock_fprog
             ),
             0,
-            "seccomp filter"
+            "seccomp filter: {}",
+            std::io::Error::last_os_error()
         );
     }
 }
@@ -625,6 +674,26 @@ pub fn run(o: TargetOptions) -> ! {
             )
         };
     }
+    if o.seccomp_worker {
+        let (tx, rx) = std::sync::mpsc::channel();
+        hs.push(spawn("seccomp", Box::new(move || harm::seccomp_worker(tx))));
+        rx.recv().expect("the seccomp worker started");
+    }
+    if o.wait_all {
+        hs.push(spawn("waitall", Box::new(harm::wait_all_blocking)));
+        hs.push(spawn("waitall-poll", Box::new(harm::wait_all_polling)));
+    }
+    let huge = if o.hugetlb_private_mib > 0 {
+        let len = o.hugetlb_private_mib << 20;
+        let p = harm::map_hugetlb_private(o.hugetlb_private_mib);
+        extra += &format!(" huge_addr={p:#x} huge_len={len}");
+        Some((p, len))
+    } else {
+        None
+    };
+    if let Some(how) = &o.vdso {
+        harm::break_vdso(how);
+    }
     // Let every thread reach its blocking call.
     std::thread::sleep(Duration::from_millis(100));
     println!(
@@ -641,67 +710,80 @@ pub fn run(o: TargetOptions) -> ! {
     );
     std::io::stdout().flush().ok();
 
-    let stdin = std::io::stdin();
-    for line in stdin.lock().lines() {
-        match line.as_deref().map(str::trim) {
-            Ok("quit") | Err(_) => break,
-            Ok("ping") => {
-                println!("PONG spins={}", c().spins.load(Relaxed));
-                std::io::stdout().flush().ok();
+    let serve = move || -> ! {
+        let mut huge_gen = 1;
+        let stdin = std::io::stdin();
+        for line in stdin.lock().lines() {
+            match line.as_deref().map(str::trim) {
+                Ok("quit") | Err(_) => break,
+                Ok("ping") => {
+                    println!("PONG spins={}", c().spins.load(Relaxed));
+                    std::io::stdout().flush().ok();
+                }
+                Ok("gapreset") => {
+                    MAX_GAP_US.store(0, SeqCst);
+                    GAPS.lock().unwrap().clear();
+                    println!("GAPRESET");
+                    std::io::stdout().flush().ok();
+                }
+                Ok("gaps") => {
+                    let g: Vec<String> = GAPS
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .map(|(a, b)| format!("{a}:{b}"))
+                        .collect();
+                    println!("GAPS {}", g.join(","));
+                    std::io::stdout().flush().ok();
+                }
+                Ok("hugewrite") => {
+                    // Write every huge page again (a copy-on-write if a clone shares them), then
+                    // check the whole range.
+                    let ok = huge.is_some_and(|(p, len)| {
+                        huge_gen += 1;
+                        harm::hugetlb_fill(p, len, huge_gen);
+                        harm::hugetlb_check(p, len, huge_gen)
+                    });
+                    println!("HUGE ok={}", ok as u8);
+                    std::io::stdout().flush().ok();
+                }
+                Ok("gap") => {
+                    println!("GAP us={}", MAX_GAP_US.load(SeqCst));
+                    std::io::stdout().flush().ok();
+                }
+                Ok("fork") => {
+                    // Not counted as the dumper's doing: the child is ours.
+                    let (s0, w0) = (c().sigchld.load(SeqCst), c().waitpid_children.load(SeqCst));
+                    let us = timed_fork();
+                    std::thread::sleep(Duration::from_millis(20));
+                    c().sigchld.store(s0, SeqCst);
+                    c().waitpid_children.store(w0, SeqCst);
+                    println!("FORK us={us}");
+                    std::io::stdout().flush().ok();
+                }
+                _ => {}
             }
-            Ok("gapreset") => {
-                MAX_GAP_US.store(0, SeqCst);
-                GAPS.lock().unwrap().clear();
-                println!("GAPRESET");
-                std::io::stdout().flush().ok();
-            }
-            Ok("gaps") => {
-                let g: Vec<String> = GAPS
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .map(|(a, b)| format!("{a}:{b}"))
-                    .collect();
-                println!("GAPS {}", g.join(","));
-                std::io::stdout().flush().ok();
-            }
-            Ok("gap") => {
-                println!("GAP us={}", MAX_GAP_US.load(SeqCst));
-                std::io::stdout().flush().ok();
-            }
-            Ok("fork") => {
-                // Not counted as the dumper's doing: the child is ours.
-                let (s0, w0) = (c().sigchld.load(SeqCst), c().waitpid_children.load(SeqCst));
-                let us = timed_fork();
-                std::thread::sleep(Duration::from_millis(20));
-                c().sigchld.store(s0, SeqCst);
-                c().waitpid_children.store(w0, SeqCst);
-                println!("FORK us={us}");
-                std::io::stdout().flush().ok();
-            }
-            _ => {}
         }
-    }
-    // Quit: wake every thread the way it expects.
-    QUIT.store(true, SeqCst);
-    unsafe { libc::write(wfd, b"Q".as_ptr() as *const _, 1) };
-    *pair.0.lock().unwrap() = true;
-    pair.1.notify_all();
-    let _ = TcpStream::connect(addr);
-    for h in hs {
-        let _ = h.join();
-    }
-    // pause() returns only on a signal with a handler: send ourselves one (counted apart).
-    let before = c().sigchld.load(SeqCst);
-    unsafe {
-        libc::pthread_kill(
-            std::os::unix::thread::JoinHandleExt::as_pthread_t(&pause_thread),
-            libc::SIGCHLD,
-        )
-    };
-    let _ = pause_thread.join();
-    let k = c();
-    println!(
+        // Quit: wake every thread the way it expects.
+        QUIT.store(true, SeqCst);
+        unsafe { libc::write(wfd, b"Q".as_ptr() as *const _, 1) };
+        *pair.0.lock().unwrap() = true;
+        pair.1.notify_all();
+        let _ = TcpStream::connect(addr);
+        for h in hs {
+            let _ = h.join();
+        }
+        // pause() returns only on a signal with a handler: send ourselves one (counted apart).
+        let before = c().sigchld.load(SeqCst);
+        unsafe {
+            libc::pthread_kill(
+                std::os::unix::thread::JoinHandleExt::as_pthread_t(&pause_thread),
+                libc::SIGCHLD,
+            )
+        };
+        let _ = pause_thread.join();
+        let k = c();
+        print!(
         "STATS sigchld={} read_ok={} read_eintr={} read_bad={} sleeps={} short_sleep={} sleep_err={} pause_returns={} waitpid_children={} waitpid_errors={} accept_ok={} accept_err={} condvar_ok={} spins={}",
         before,
         k.read_ok.load(SeqCst),
@@ -718,6 +800,34 @@ pub fn run(o: TargetOptions) -> ! {
         k.condvar_ok.load(SeqCst),
         k.spins.load(SeqCst) > 0,
     );
-    std::io::stdout().flush().ok();
-    std::process::exit(0)
+        println!(
+            " wall_children={} wall_poll_children={} vfork_foreign={} vforks={} seccomp_spins={}",
+            harm::WALL_CHILDREN.load(SeqCst),
+            harm::WALL_POLL_CHILDREN.load(SeqCst),
+            harm::VFORK_FOREIGN.load(SeqCst),
+            harm::VFORKS.load(SeqCst),
+            harm::SECCOMP_SPINS.load(SeqCst) > 0,
+        );
+        std::io::stdout().flush().ok();
+        std::process::exit(0)
+    };
+    if o.vfork_loop {
+        // The main thread loops in vfork: the thread a dumper stops first.
+        std::thread::Builder::new()
+            .name("serve".into())
+            .spawn(serve)
+            .expect("spawn thread");
+        harm::vfork_loop();
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    if o.exit_main {
+        std::thread::Builder::new()
+            .name("serve".into())
+            .spawn(serve)
+            .expect("spawn thread");
+        harm::exit_main_thread()
+    }
+    serve()
 }

@@ -113,7 +113,7 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
             u.error
         ));
     }
-    let pause = snap.pause();
+    let mut pause = snap.pause();
     // The image is written: let the clone's teardown run while the file gets its name.
     snap.release_image();
     if opts
@@ -125,9 +125,9 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
         return Err(Error::Cancelled);
     }
     let path = out.commit();
-    if let Some(w) = snap.finish() {
-        warnings.push(w);
-    }
+    let (w, reap_us) = snap.finish_timed();
+    warnings.extend(w);
+    pause.reap_us = reap_us.unwrap_or(0);
     let path = path?;
     Ok(DumpReport {
         pid,

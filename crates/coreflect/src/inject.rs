@@ -16,9 +16,13 @@ use crate::ptrace::{self, WaitStatus};
 use crate::stop::{self, StopKind, ThreadState, Tracee};
 use std::time::{Duration, Instant};
 
-/// Finds a `syscall` instruction (`0f 05`) in the target's `[vdso]`.
+/// Finds a `syscall` instruction (`0f 05`) in the target's `[vdso]`. `None` when there is
+/// no vDSO, or it is not executable (`mprotect`ed: /proc/PID/mem would still read it, but
+/// the borrowed instruction would fault).
 pub fn find_syscall_in_vdso(maps: &[Mapping], mem: &ProcMem) -> Option<u64> {
-    let vdso = maps.iter().find(|m| m.kind() == MappingKind::Vdso)?;
+    let vdso = maps
+        .iter()
+        .find(|m| m.kind() == MappingKind::Vdso && m.exec)?;
     let mut buf = vec![0u8; vdso.len() as usize];
     let n = mem.read_at(vdso.start, &mut buf).ok()?;
     buf[..n]
@@ -29,9 +33,15 @@ pub fn find_syscall_in_vdso(maps: &[Mapping], mem: &ProcMem) -> Option<u64> {
 
 /// Finds a thread blocked right behind a `syscall` instruction and returns that address.
 pub fn find_syscall_behind(threads: &[ThreadState], mem: &ProcMem) -> Option<u64> {
-    threads.iter().find_map(|t| {
-        t.regs.syscall_nr()?;
-        let at = t.regs.0.rip.checked_sub(2)?;
+    let regs: Vec<Regs> = threads.iter().map(|t| t.regs).collect();
+    find_syscall_behind_regs(&regs, mem)
+}
+
+/// As [`find_syscall_behind`], from the threads' registers.
+pub fn find_syscall_behind_regs(regs: &[Regs], mem: &ProcMem) -> Option<u64> {
+    regs.iter().find_map(|r| {
+        r.syscall_nr()?;
+        let at = r.0.rip.checked_sub(2)?;
         let mut b = [0u8; 2];
         (mem.read_at(at, &mut b).ok()? == 2 && b == [0x0f, 0x05]).then_some(at)
     })
@@ -162,6 +172,29 @@ const FAULTS: &[i32] = &[
     libc::SIGSYS,
 ];
 
+const FAULTED: &str = "the borrowed syscall instruction faulted";
+
+/// True if `e` says the borrowed `syscall` instruction faulted (the signal was suppressed:
+/// the thread never ran the syscall, and is restored unchanged).
+pub fn is_fault(e: &Error) -> bool {
+    matches!(e, Error::Io { what, .. } if what.starts_with(FAULTED))
+}
+
+/// A readable description of an injected syscall's unexpected return value: an errno's
+/// name and text, or, for a value that is no error number, what it means.
+pub fn describe_return(nr: u64, ret: i64) -> String {
+    if (-4095..0).contains(&ret) {
+        let e = std::io::Error::from_raw_os_error(-ret as i32);
+        format!("returned -{} ({e})", -ret)
+    } else if ret as u64 == nr {
+        // The kernel leaves the syscall number in rax when the syscall is skipped before it
+        // runs (a seccomp filter or a tracer skipped it).
+        format!("did not run (returned {ret}, its own number: skipped, e.g. by a seccomp filter)")
+    } else {
+        format!("returned {ret}, which is neither a child's pid nor an error")
+    }
+}
+
 fn drive(
     tid: Pid,
     timeout: Duration,
@@ -199,7 +232,7 @@ fn drive(
             }
             WaitStatus::Stopped { sig, event: 0 } if !entered && FAULTS.contains(&sig) => {
                 return Err(Error::io(
-                    format!("the borrowed syscall instruction faulted in thread {tid}"),
+                    format!("{FAULTED} in thread {tid}"),
                     std::io::Error::other(format!("signal {sig}")),
                 ));
             }
@@ -248,7 +281,7 @@ pub fn reap_in_target(
                 continue;
             }
         };
-        if !eligible(tracee.kind, &regs) {
+        if !eligible(tracee.kind, &regs) || !may_inject(pid, tid, options) {
             let _ = stop::detach_tracee(&tracee);
             continue;
         }
@@ -279,6 +312,22 @@ pub fn reap_in_target(
         return Ok(reaped);
     }
     Ok(0)
+}
+
+/// The `Seccomp:` mode of thread `tid` of `pid` (0 none, 1 strict, 2 filter); 2 if
+/// unreadable (assume the worst).
+pub fn thread_seccomp(pid: Pid, tid: Pid) -> u32 {
+    crate::proc::Status::read_thread(pid, tid)
+        .map(|s| s.seccomp)
+        .unwrap_or(2)
+}
+
+/// True if a syscall may be injected into thread `tid`: it has no seccomp filter (seccomp
+/// is per thread: a filter could kill the whole process for the injected syscall, as
+/// `SECCOMP_RET_KILL_PROCESS` does), or the filter is suspended for the injection
+/// (`options` holds `PTRACE_O_SUSPEND_SECCOMP`).
+pub fn may_inject(pid: Pid, tid: Pid, options: u32) -> bool {
+    options & ptrace::O_SUSPEND_SECCOMP != 0 || thread_seccomp(pid, tid) == 0
 }
 
 /// Seizes and interrupts one thread; `None` if it vanished or is not eligible to stop.

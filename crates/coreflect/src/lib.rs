@@ -34,13 +34,14 @@ pub mod lock;
 pub mod output;
 pub mod proc;
 pub mod ptrace;
+mod reap;
 pub mod select;
 pub mod snapshot;
 pub mod stop;
 
 pub use dump::{dump, DumpOptions, DumpReport};
 pub use error::{Error, Pid, Result};
-pub use snapshot::{Mode, Options, Phase, Snapshot};
+pub use snapshot::{Mode, Options, PauseBreakdown, Phase, Snapshot};
 
 /// The system's page size in bytes.
 pub fn page_size() -> u64 {

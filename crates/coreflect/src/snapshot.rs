@@ -153,6 +153,10 @@ pub struct PauseBreakdown {
     /// When the pause began, in CLOCK_MONOTONIC nanoseconds (to match it with what the
     /// target observed).
     pub started_ns: u64,
+    /// The second, short stop at the end (reflect mode): every thread is stopped while the
+    /// clone's zombie is collected and reaped inside the target, so that no `wait` of the
+    /// target can see it. 0 until the snapshot is finished, or if no reap was needed.
+    pub reap_us: u64,
 }
 
 fn monotonic_ns() -> u64 {
@@ -182,6 +186,7 @@ struct CloneGuard {
     /// The `syscall` instruction the clone's registers point at.
     insn: u64,
     options: u32,
+    stop_timeout: Duration,
     hook: Option<PhaseHookDebug>,
 }
 
@@ -194,61 +199,29 @@ impl std::fmt::Debug for PhaseHookDebug {
 }
 
 impl CloneGuard {
-    /// Kills the clone, waits for its death as its tracer, and reaps its zombie inside the
-    /// target. Returns a warning if the zombie could not be reaped.
-    fn finish(&mut self) -> Option<String> {
+    /// Kills the clone and reaps its zombie inside the target, unseen by the target's
+    /// `wait`s (see [`crate::reap`]). Returns a warning if the zombie was left for the next
+    /// dump, and the length of the reap's stop.
+    fn finish(&mut self) -> crate::reap::Reaped {
         if self.clone == 0 {
-            return None;
+            return Default::default();
         }
         let clone = std::mem::take(&mut self.clone);
-        unsafe { libc::kill(clone, libc::SIGKILL) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match ptrace::wait_until(clone, deadline) {
-                Ok(Some(s)) if s.is_gone() => break,
-                Ok(Some(_)) => continue,
-                _ => break,
+        let hook = || {
+            if let Some(h) = &self.hook {
+                (h.0)(Phase::Reaping)
             }
-        }
-        if let Some(h) = &self.hook {
-            (h.0)(Phase::Reaping)
-        }
-        let _lock =
-            TargetLock::acquire(self.target, self.target_start, Duration::from_secs(10)).ok();
-        // The target may have exec'd meanwhile: find the syscall instruction afresh (after
-        // taking the lock, right before use).
-        let insn = proc::maps::read_maps(self.target).ok().and_then(|m| {
-            let mem = ProcMem::open(self.target).ok()?;
-            inject::find_syscall_in_vdso(&m, &mem)
-        });
-        let Some(insn) = insn else {
-            return match proc::Stat::read(self.target) {
-                Ok(_) => Some(format!(
-                    "the clone {clone}'s zombie was left in pid {} (no [vdso] to borrow a syscall from now); the next dump reaps it",
-                    self.target
-                )),
-                Err(_) => None,
-            };
         };
-        match inject::reap_in_target(
+        crate::reap::kill_and_reap(
             self.target,
-            &[self.clone_ns],
-            insn,
+            self.target_start,
+            clone,
+            self.clone_ns,
+            self.insn,
             self.options,
-            Duration::from_secs(2),
-        ) {
-            Ok(1) => None,
-            Ok(_) => Some(format!(
-                "the clone {clone}'s zombie was not reaped in pid {}; the next dump reaps it",
-                self.target
-            )),
-            Err(Error::NoSuchProcess { .. }) | Err(Error::ProcessExited { .. }) => None,
-            Err(e) => Some(format!(
-                "could not reap the clone {clone}'s zombie in pid {}: {}; the next dump reaps it",
-                self.target,
-                e.with_causes()
-            )),
-        }
+            self.stop_timeout,
+            &hook,
+        )
     }
 }
 
@@ -304,13 +277,15 @@ pub fn preflight(pid: Pid) -> Result<ProcessInfo> {
             comm: stat.comm,
         });
     }
-    if matches!(stat.state, 'Z' | 'X' | 'x') {
+    // A zombie main thread with live threads (it called pthread_exit) is a live process:
+    // the kernel dumps it too. Its memory is read through a live thread.
+    let Some(mm) = proc::live_thread(pid) else {
         return Err(Error::Zombie {
             pid,
             comm: stat.comm,
         });
-    }
-    let status = proc::Status::read(pid)?;
+    };
+    let status = proc::Status::read(mm)?;
     if status.tgid != pid {
         return Err(Error::NotAProcess {
             tid: pid,
@@ -336,7 +311,7 @@ pub fn preflight(pid: Pid) -> Result<ProcessInfo> {
             });
         }
     }
-    check_dumpable(pid, &status)?;
+    check_dumpable(mm, &status)?;
     let info = ProcessInfo::read(pid)?;
     // A 32-bit program (its executable's ELF class is 1) cannot be described by this writer.
     let class = info
@@ -378,9 +353,19 @@ fn check_dumpable(pid: Pid, status: &proc::Status) -> Result<()> {
     Ok(())
 }
 
-/// Why reflection cannot be used for this target, if it cannot; else the extra ptrace
-/// options the injection needs.
-fn reflect_blocker(p: &ProcessInfo, maps: &[Mapping]) -> std::result::Result<u32, String> {
+/// How the injections must treat seccomp filters.
+#[derive(Debug, Clone, Copy, Default)]
+struct Injectable {
+    /// Extra ptrace options for the injections (`PTRACE_O_SUSPEND_SECCOMP`).
+    options: u32,
+    /// Some thread runs under a seccomp filter: inject only into threads without one
+    /// (unless the filter is suspended), checked again on each candidate while it is
+    /// stopped.
+    filtered: bool,
+}
+
+/// Why reflection cannot be used for this target, if it cannot; else how to inject.
+fn reflect_blocker(p: &ProcessInfo, maps: &[Mapping]) -> std::result::Result<Injectable, String> {
     if let Some(m) = maps
         .iter()
         .find(|m| m.has_flag("um") || m.has_flag("uw") || m.has_flag("ui"))
@@ -390,18 +375,43 @@ fn reflect_blocker(p: &ProcessInfo, maps: &[Mapping]) -> std::result::Result<u32
             m.start, m.end
         ));
     }
-    if p.status.seccomp != 0 {
-        let me = proc::Status::read(std::process::id() as Pid).unwrap_or_default();
-        const CAP_SYS_ADMIN: u64 = 1 << 21;
-        if me.cap_eff & CAP_SYS_ADMIN == 0 || me.seccomp != 0 {
-            return Err(format!(
-                "the target runs under a seccomp filter (Seccomp: {}) that may kill it on the injected clone, and coreflect lacks CAP_SYS_ADMIN to suspend seccomp (PTRACE_O_SUSPEND_SECCOMP)",
-                p.status.seccomp
-            ));
-        }
-        return Ok(ptrace::O_SUSPEND_SECCOMP);
+    if let Some(m) = maps.iter().find(|m| m.has_flag("ht") && !m.shared) {
+        return Err(format!(
+            "memory at {:#x}-{:#x} ({} KiB) is private hugetlb memory (MAP_HUGETLB): a clone would share its huge pages, so the target's next write to one needs a free huge page for its copy-on-write (SIGBUS when the pool is exhausted), and the kernel unmaps them from the clone",
+            m.start,
+            m.end,
+            m.len() / 1024
+        ));
     }
-    Ok(0)
+    // Seccomp is per thread: look at every thread, not only the main one.
+    let tids = proc::threads(p.pid).unwrap_or_default();
+    let modes: Vec<u32> = tids
+        .iter()
+        .map(|&t| inject::thread_seccomp(p.pid, t))
+        .collect();
+    let filtered = modes.iter().filter(|&&m| m != 0).count();
+    if filtered == 0 {
+        return Ok(Injectable::default());
+    }
+    let me = proc::Status::read(std::process::id() as Pid).unwrap_or_default();
+    const CAP_SYS_ADMIN: u64 = 1 << 21;
+    if me.cap_eff & CAP_SYS_ADMIN != 0 && me.seccomp == 0 {
+        return Ok(Injectable {
+            options: ptrace::O_SUSPEND_SECCOMP,
+            filtered: true,
+        });
+    }
+    if filtered < modes.len() {
+        // Threads without a filter can run the injections.
+        return Ok(Injectable {
+            options: 0,
+            filtered: true,
+        });
+    }
+    Err(format!(
+        "every thread of the target runs under a seccomp filter (Seccomp: {}) that may kill it on the injected clone, and coreflect lacks CAP_SYS_ADMIN to suspend seccomp (PTRACE_O_SUSPEND_SECCOMP)",
+        modes.first().copied().unwrap_or(2)
+    ))
 }
 
 /// The pause a snapshot of this process is expected to cost. The clone copies the page
@@ -464,13 +474,15 @@ impl Snapshot {
             _ => preflight(pid)?,
         };
         let mut warnings = Vec::new();
-        let target_maps = proc::maps::read_smaps(pid)?;
-        let target_mem = ProcMem::open(pid)?;
+        // The thread whose /proc files show the memory (the main thread unless it exited).
+        let mm = proc::live_thread(pid).ok_or(Error::ProcessExited { pid })?;
+        let target_maps = proc::maps::read_smaps(mm)?;
+        let target_mem = ProcMem::open(mm)?;
         let mut mode = opts.mode;
-        let mut extra_opts = 0;
+        let mut inj = Injectable::default();
         if mode != Mode::Suspend {
             match reflect_blocker(&process, &target_maps) {
-                Ok(o) => extra_opts = o,
+                Ok(o) => inj = o,
                 Err(reason) if mode == Mode::Reflect => {
                     return Err(Error::ReflectUnavailable { pid, reason })
                 }
@@ -482,6 +494,7 @@ impl Snapshot {
                 }
             }
         }
+        let extra_opts = inj.options;
         let vdso_insn = if mode != Mode::Suspend {
             inject::find_syscall_in_vdso(&target_maps, &target_mem)
         } else {
@@ -546,7 +559,13 @@ impl Snapshot {
                     i
                 }
             };
-            let chosen = pick_thread(&stopped, &mut xbuf)?;
+            // Never borrow a thread whose seccomp filter could kill the process for the
+            // injected clone (unless filters are suspended); prefer threads without one.
+            let unfiltered = |tid: Pid| !inj.filtered || inject::thread_seccomp(pid, tid) == 0;
+            let chosen = match pick_thread(&stopped, &mut xbuf, &unfiltered)? {
+                None if inj.options != 0 => pick_thread(&stopped, &mut xbuf, &|_| true)?,
+                c => c,
+            };
             let attempt = match (insn, chosen) {
                 (None, _) => Err(Error::ReflectUnavailable {
                     pid,
@@ -554,7 +573,7 @@ impl Snapshot {
                 }),
                 (_, None) => Err(Error::ReflectUnavailable {
                     pid,
-                    reason: "no thread can safely run the injected clone (all are delivering signals, group-stopped, or in mask-swapping syscalls)".into(),
+                    reason: "no thread can safely run the injected clone (all are delivering signals, group-stopped, in mask-swapping syscalls, or under a seccomp filter)".into(),
                 }),
                 (Some(insn), Some(t)) => {
                     // The address was found before the pause: make sure it still holds a
@@ -587,6 +606,7 @@ impl Snapshot {
                         clone_ns: c,
                         insn: insn.unwrap_or(0),
                         options: extra_opts,
+                        stop_timeout: opts.stop_timeout,
                         hook: opts.hook.clone().map(PhaseHookDebug),
                     });
                 }
@@ -624,7 +644,7 @@ impl Snapshot {
             }
             None => {
                 mode = Mode::Suspend;
-                (pid, Some(stopped), Some(lock))
+                (mm, Some(stopped), Some(lock))
             }
         };
         let times = threads
@@ -634,7 +654,7 @@ impl Snapshot {
         let (mappings, live) = if clone.is_some() {
             image_mappings(image_pid, &target_maps, &mut warnings)?
         } else {
-            (proc::maps::read_smaps(pid)?, Vec::new())
+            (proc::maps::read_smaps(mm)?, Vec::new())
         };
         let rseq_orig = match &clone {
             Some(_) => crate::direct::rseq_area(image_pid),
@@ -844,9 +864,18 @@ impl Snapshot {
 
     /// Ends the snapshot now: kills and reaps the clone (or releases the stopped target).
     /// Returns a warning if something was left for the next dump to clean.
-    pub fn finish(mut self) -> Option<String> {
+    pub fn finish(self) -> Option<String> {
+        self.finish_timed().0
+    }
+
+    /// As [`Snapshot::finish`], also returning how long the target was stopped for the
+    /// reap (reflect mode; see [`PauseBreakdown::reap_us`]).
+    pub fn finish_timed(mut self) -> (Option<String>, Option<u64>) {
         self.stopped.take();
-        self.clone.as_mut().and_then(|c| c.finish())
+        match self.clone.as_mut().map(|c| c.finish()) {
+            Some(r) => (r.warning, r.reap_us),
+            None => (None, None),
+        }
     }
 }
 
@@ -882,17 +911,21 @@ impl MemoryReader for Snapshot {
 unsafe impl Sync for Snapshot {}
 
 /// Picks the thread to borrow for the injection and captures its state: the first one
-/// interrupted in user mode among the first 64 threads, else the first one eligible at all
-/// (in a restartable syscall). Only the candidates' registers are read here; the others
+/// `allowed` interrupted in user mode among the first 64 threads, else the first one
+/// eligible at all (in a restartable syscall). Only the candidates' registers are read here; the others
 /// are captured while the clone runs.
-fn pick_thread(stopped: &StoppedProcess, xbuf: &mut [u8]) -> Result<Option<ThreadState>> {
+fn pick_thread(
+    stopped: &StoppedProcess,
+    xbuf: &mut [u8],
+    allowed: &dyn Fn(Pid) -> bool,
+) -> Result<Option<ThreadState>> {
     let mut fallback = None;
     for (i, t) in stopped.tracees().iter().enumerate() {
         if t.kind != crate::stop::StopKind::Interrupt {
             continue;
         }
         let regs = ptrace::get_regs(t.tid)?;
-        if !inject::eligible(t.kind, &regs) {
+        if !inject::eligible(t.kind, &regs) || !allowed(t.tid) {
             continue;
         }
         if regs.syscall_nr().is_none() {
@@ -989,12 +1022,18 @@ fn reflect(
             }
             stopped.adopt(tracee);
             match other {
+                // The vDSO (or the borrowed instruction) is not executable: the thread never
+                // ran the syscall and was restored; suspend mode still works.
+                Err(e) if inject::is_fault(&e) => Err(Error::ReflectUnavailable {
+                    pid: stopped.pid(),
+                    reason: e.to_string(),
+                }),
                 Err(e) => Err(e),
                 Ok(inj) => Err(Error::ReflectUnavailable {
                     pid: stopped.pid(),
                     reason: format!(
-                        "the injected clone failed: {}",
-                        std::io::Error::from_raw_os_error((-inj.ret) as i32)
+                        "the injected clone {}",
+                        inject::describe_return(arch::SYS_CLONE, inj.ret)
                     ),
                 }),
             }
@@ -1005,10 +1044,10 @@ fn reflect(
 /// Runs the calling thread under `SCHED_FIFO` for the pause, so the target threads it
 /// releases one by one (and wakes) cannot preempt it while the others still wait. Without
 /// the privilege it does nothing.
-struct PauseBoost(Option<(i32, libc::sched_param)>);
+pub(crate) struct PauseBoost(Option<(i32, libc::sched_param)>);
 
 impl PauseBoost {
-    fn new() -> PauseBoost {
+    pub(crate) fn new() -> PauseBoost {
         unsafe {
             let policy = libc::sched_getscheduler(0);
             let mut old: libc::sched_param = std::mem::zeroed();

@@ -75,6 +75,9 @@ pub struct StoppedProcess {
     /// Threads seized but not (yet) seen stopped; released by detaching when they stop.
     unstopped: HashSet<Pid>,
     timeout: Duration,
+    /// Threads in uninterruptible sleep (`vfork`) may stay seized but running: see
+    /// [`StoppedProcess::stop_tolerating_blocked`].
+    tolerate_blocked: bool,
 }
 
 impl StoppedProcess {
@@ -83,12 +86,42 @@ impl StoppedProcess {
     /// `/proc/PID/task` until no new thread appears, and waits (at most `timeout` in all)
     /// until each is stopped.
     pub fn stop(pid: Pid, first: Vec<Pid>, timeout: Duration) -> Result<StoppedProcess> {
+        Self::stop_inner(pid, first, timeout, false)
+    }
+
+    /// As [`StoppedProcess::stop`], except that threads still in uninterruptible sleep
+    /// (state `D`, e.g. in `vfork` until the child execs or exits) after a short grace are
+    /// left seized and interrupted but not waited for. Such a thread cannot reach user mode
+    /// without stopping first (the interrupt stays pending), so it cannot observe anything
+    /// done while the others are stopped. They are detached once they stop, at release
+    /// (waiting at most the stop timeout; later, only when this thread exits).
+    pub fn stop_tolerating_blocked(
+        pid: Pid,
+        first: Vec<Pid>,
+        timeout: Duration,
+    ) -> Result<StoppedProcess> {
+        Self::stop_inner(pid, first, timeout, true)
+    }
+
+    /// Threads seized and interrupted but not stopped (see
+    /// [`StoppedProcess::stop_tolerating_blocked`]).
+    pub fn blocked(&self) -> usize {
+        self.unstopped.len()
+    }
+
+    fn stop_inner(
+        pid: Pid,
+        first: Vec<Pid>,
+        timeout: Duration,
+        tolerate_blocked: bool,
+    ) -> Result<StoppedProcess> {
         let deadline = Instant::now() + timeout;
         let mut sp = StoppedProcess {
             pid,
             tracees: Vec::new(),
             unstopped: HashSet::new(),
             timeout,
+            tolerate_blocked,
         };
         let mut known: HashSet<Pid> = HashSet::new();
         let mut first = Some(first);
@@ -155,6 +188,7 @@ impl StoppedProcess {
     /// passes so that the interrupted threads get the CPU they need to reach their stop.
     fn collect_stops(&mut self, mut pending: Vec<Pid>, deadline: Instant) -> Result<()> {
         let mut pass = 0u32;
+        let grace = Instant::now() + Duration::from_millis(10);
         while !pending.is_empty() {
             let mut err = None;
             pending.retain(|&tid| {
@@ -174,6 +208,14 @@ impl StoppedProcess {
             }
             if pending.is_empty() {
                 break;
+            }
+            if self.tolerate_blocked
+                && Instant::now() >= grace
+                && pending.iter().all(|&tid| {
+                    proc::Status::read_thread(self.pid, tid).is_ok_and(|s| s.state == 'D')
+                })
+            {
+                return Ok(()); // they stay in `unstopped`
             }
             if Instant::now() >= deadline {
                 let tid = pending[0];
@@ -268,13 +310,25 @@ impl StoppedProcess {
         self.tracees.sort_by_key(|t| (t.tid != pid, t.tid));
     }
 
-    /// Releases every thread still held. Errors (a thread that died) are ignored.
-    pub fn release_all(&mut self) {
+    /// Releases every stopped thread (not the seized threads that never stopped: see
+    /// [`StoppedProcess::release_all`]).
+    pub fn release_stopped(&mut self) {
         for t in std::mem::take(&mut self.tracees) {
             let _ = detach_tracee(&t);
         }
-        // Threads seized but never seen stopped: wait briefly for their stop, then detach.
-        let deadline = Instant::now() + Duration::from_millis(200);
+    }
+
+    /// Releases every thread still held. Errors (a thread that died) are ignored.
+    pub fn release_all(&mut self) {
+        self.release_stopped();
+        // Threads seized but never seen stopped: wait briefly for their stop (tolerated
+        // blocked threads: up to the stop timeout), then detach.
+        let wait = if self.tolerate_blocked {
+            self.timeout
+        } else {
+            Duration::from_millis(200)
+        };
+        let deadline = Instant::now() + wait;
         for tid in std::mem::take(&mut self.unstopped) {
             if let Ok(Some(WaitStatus::Stopped { sig, event })) = ptrace::wait_until(tid, deadline)
             {

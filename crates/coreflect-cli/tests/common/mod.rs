@@ -103,6 +103,12 @@ impl Target {
         matches!(self.lines.recv_timeout(Duration::from_secs(10)), Ok(l) if l.starts_with("PONG"))
     }
 
+    /// Sends one command line and returns the next line it prints (within 10 s).
+    pub fn command(&mut self, cmd: &str) -> Option<String> {
+        writeln!(self.stdin.as_mut()?, "{cmd}").ok()?;
+        self.lines.recv_timeout(Duration::from_secs(10)).ok()
+    }
+
     /// Asks it to quit and returns its counters.
     pub fn quit(mut self) -> HashMap<String, u64> {
         let mut i = self.stdin.take().unwrap();

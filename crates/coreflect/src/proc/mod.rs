@@ -61,6 +61,22 @@ pub fn threads(pid: Pid) -> Result<Vec<Pid>> {
     Ok(tids)
 }
 
+/// A thread of `pid` whose /proc files describe the process's memory: `pid` itself, unless
+/// the main thread has exited (called `pthread_exit`: a zombie leader has no memory map,
+/// auxv, exe or mem of its own) while other threads run — then the first live thread.
+/// `None` if no thread of it is alive.
+pub fn live_thread(pid: Pid) -> Option<Pid> {
+    let alive =
+        |tid: Pid| Status::read_thread(pid, tid).is_ok_and(|s| !matches!(s.state, 'Z' | 'X' | 'x'));
+    if alive(pid) {
+        return Some(pid);
+    }
+    threads(pid)
+        .ok()?
+        .into_iter()
+        .find(|&t| t != pid && alive(t))
+}
+
 /// The direct children of a process (all threads), from `/proc/PID/task/*/children`.
 pub fn children(pid: Pid) -> Vec<Pid> {
     let mut out = Vec::new();
@@ -152,19 +168,22 @@ pub struct ProcessInfo {
 }
 
 impl ProcessInfo {
-    /// Reads everything for `pid`.
+    /// Reads everything for `pid`. The main thread's `stat` describes the process; the
+    /// rest is read through a live thread when the main thread has exited (see
+    /// [`live_thread`]).
     pub fn read(pid: Pid) -> Result<ProcessInfo> {
+        let mm = live_thread(pid).unwrap_or(pid);
         let stat = Stat::read(pid)?;
         Ok(ProcessInfo {
             pid,
             parent_tid: parent_thread(pid, stat.ppid),
             stat,
-            status: Status::read(pid)?,
-            cmdline: cmdline(pid),
-            args: read_bytes(pid, "cmdline").unwrap_or_default(),
-            auxv: auxv(pid).unwrap_or_default(),
-            coredump_filter: coredump_filter(pid),
-            exe: exe(pid),
+            status: Status::read(mm)?,
+            cmdline: cmdline(mm),
+            args: read_bytes(mm, "cmdline").unwrap_or_default(),
+            auxv: auxv(mm).unwrap_or_default(),
+            coredump_filter: coredump_filter(mm),
+            exe: exe(mm),
         })
     }
 }
