@@ -46,7 +46,7 @@ pub fn report_json(r: &DumpReport) -> String {
     let p = &r.pause;
     let warnings: Vec<String> = r.warnings.iter().map(|w| json_str(w)).collect();
     format!(
-        "{{\"pid\":{},\"path\":{},\"mode\":{},\"threads\":{},\"segments\":{},\"pause_us\":{},\"pause\":{{\"stop_us\":{},\"capture_us\":{},\"clone_us\":{},\"release_us\":{},\"estimate_us\":{},\"started_ns\":{}}},\"bytes_written\":{},\"file_size\":{},\"unpopulated_bytes\":{},\"zero_bytes\":{},\"written_by_clone\":{},\"duration_ms\":{},\"warnings\":[{}]}}",
+        "{{\"pid\":{},\"path\":{},\"mode\":{},\"threads\":{},\"segments\":{},\"pause_us\":{},\"pause\":{{\"stop_us\":{},\"capture_us\":{},\"clone_us\":{},\"release_us\":{},\"estimate_us\":{},\"started_ns\":{}}},\"bytes_written\":{},\"file_size\":{},\"unpopulated_bytes\":{},\"zero_bytes\":{},\"written_by_clone\":{},\"duration_ms\":{},\"level\":{},\"compressed_size\":{},\"warnings\":[{}]}}",
         r.pid,
         json_str(&r.path.display().to_string()),
         json_str(r.mode.as_str()),
@@ -65,6 +65,9 @@ pub fn report_json(r: &DumpReport) -> String {
         r.zero_bytes,
         r.written_by_clone,
         r.duration_ms,
+        json_str(r.level.as_str()),
+        r.compressed_size
+            .map_or_else(|| "null".to_string(), |n| n.to_string()),
         warnings.join(",")
     )
 }
@@ -118,6 +121,14 @@ pub fn success(json: bool, r: &DumpReport) {
             String::new()
         }
     );
+    if let Some(c) = r.compressed_size {
+        let _ = writeln!(
+            e,
+            "  compressed (zstd) to {} ({:.1}% of the core)",
+            bytes(c),
+            100.0 * c as f64 / r.file_size.max(1) as f64
+        );
+    }
     for w in &r.warnings {
         let _ = writeln!(e, "  warning: {w}");
     }

@@ -1,5 +1,6 @@
 //! The ELF core format: notes, the streaming writer, and a reader for checking cores.
 
+pub mod meta;
 pub mod notes;
 pub mod reader;
 pub mod writer;
