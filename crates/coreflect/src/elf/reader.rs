@@ -310,6 +310,9 @@ impl CoreFile {
                 // SAFETY: as above.
                 let d = unsafe { libc::lseek(fd, h, libc::SEEK_DATA) };
                 let end = if d < 0 { b } else { (d as u64).min(b) };
+                if end <= at {
+                    break;
+                }
                 holes += end - h as u64;
                 at = end;
             }
