@@ -113,7 +113,7 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
             st
         }
         (Some(out), Some(level)) => {
-            let (st, n) = write_zstd(&snap, out.file(), level, &notes, &segs, &mut prog)?;
+            let (st, n) = write_core_zstd(&snap, out.file(), level, &notes, &segs, &mut prog)?;
             compressed_size = Some(n);
             Ok(st)
         }
@@ -124,7 +124,8 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
             });
             match c {
                 Some(level) => {
-                    let (st, n) = write_zstd(&snap, &stdout, level, &notes, &segs, &mut prog)?;
+                    let (st, n) =
+                        write_core_zstd(&snap, &*stdout, level, &notes, &segs, &mut prog)?;
                     compressed_size = Some(n);
                     Ok(st)
                 }
@@ -287,12 +288,13 @@ impl<W: std::io::Write> std::io::Write for Counter<W> {
     }
 }
 
-/// Writes the core as one zstd frame into `w` (multithreaded encoder: compression runs on
-/// worker threads while the reader threads fill the next chunks). Returns the stats and the
-/// frame's length.
-fn write_zstd(
+/// Writes the core of `snap` as one zstd frame at `level` into `w` (multithreaded encoder:
+/// compression runs on worker threads while the reader threads fill the next chunks; holes
+/// are compressed zeros). Decompressed, it is byte for byte what [`Snapshot::write_core_with`]
+/// writes. Returns the stats and the frame's length.
+pub fn write_core_zstd<W: std::io::Write>(
     snap: &Snapshot,
-    w: &std::fs::File,
+    w: W,
     level: i32,
     notes: &[u8],
     segs: &[crate::elf::writer::SegmentPlan],
