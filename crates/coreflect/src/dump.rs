@@ -230,7 +230,12 @@ fn metadata(snap: &Snapshot, opts: &DumpOptions, direct: bool) -> Vec<u8> {
     if let Some(f) = opts.filter {
         m.push("filter", format!("{f:#x}"));
     }
-    m.push("pause_us", snap.pause().total_us);
+    if snap.mode() == crate::snapshot::Mode::Suspend {
+        // Stopped until the end of the write, which has not begun.
+        m.push("pause", "the whole write (suspend mode)");
+    } else {
+        m.push("pause_us", snap.pause().total_us);
+    }
     m.push("write_path", meta::write_path_value(direct));
     m.push("output", if opts.stdout { "stream" } else { "file" });
     m.push(

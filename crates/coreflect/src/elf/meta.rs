@@ -3,7 +3,8 @@
 //! Debuggers skip notes whose owner they do not know (checked with gdb, lldb, eu-readelf
 //! and eu-stack by the tests).
 //!
-//! Keys: `version`, `mode`, `level`, `filter` (hex, when `--filter` was given), `pause_us`,
+//! Keys: `version`, `mode`, `level`, `filter` (hex, when `--filter` was given), `pause_us`
+//! (or, in suspend mode, `pause`: the target stays stopped for the whole write),
 //! `write_path` (`proc-mem` or `direct`, padded to a fixed width so it can be corrected once
 //! the write is done), `output` (`file`, `stream`), `compression`, `created` (Unix time), and
 //! one `warning` line per warning known when the notes were written. Unknown keys are kept.
