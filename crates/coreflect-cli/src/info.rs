@@ -3,6 +3,7 @@
 use crate::report::{bytes, json_str};
 use coreflect::elf::reader::{self, CoreFile, CoreNotes};
 use coreflect::elf::{EM_X86_64, ET_CORE, PT_LOAD};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Arguments of `coreflect info`.
@@ -333,12 +334,21 @@ fn json(i: &Info) -> String {
 pub fn run(a: &InfoArgs) -> i32 {
     match load(&a.core) {
         Ok(i) => {
-            if a.json {
-                println!("{}", json(&i));
+            let out = if a.json {
+                json(&i) + "\n"
             } else {
-                print!("{}", text(&i, a.all));
+                text(&i, a.all)
+            };
+            let mut so = std::io::stdout().lock();
+            match so.write_all(out.as_bytes()).and_then(|_| so.flush()) {
+                Ok(()) => 0,
+                // `coreflect info core | head`: the reader has what it wanted.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
+                Err(e) => {
+                    eprintln!("coreflect: error: writing to standard output: {e}");
+                    1
+                }
             }
-            0
         }
         Err(e) => {
             eprintln!("coreflect: error: {}: {e}", a.core.display());

@@ -463,6 +463,25 @@ fn info_fails_cleanly_on_bad_files() {
         assert!(!err.contains("panicked"), "{name}: {err}");
         assert!(o.stdout.is_empty(), "{name}");
     }
+    // A reader that stopped reading (`| head`) is no error and no panic: stdout is a pipe
+    // whose read end is already closed.
+    let mut fds = [0; 2];
+    // SAFETY: pipe fills two descriptors we own.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: fds[0] is ours and closed once; fds[1] becomes the child's stdout, owned here.
+    unsafe { libc::close(fds[0]) };
+    let w = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fds[1]) };
+    let o = Command::new(exe())
+        .args(["info", "--all", core.to_str().unwrap()])
+        .stdout(w)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && err.is_empty(),
+        "info into a closed pipe: {err}"
+    );
     // And the intact ones are accepted.
     for p in [&core, &z] {
         assert!(coreflect(&["info", p.to_str().unwrap()]).status.success());
