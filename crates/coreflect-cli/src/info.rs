@@ -37,6 +37,8 @@ struct Info {
     note_list: Vec<(String, u32, String, usize)>,
     segs: Vec<Seg>,
     holes: u64,
+    /// Each thread's function, when resolvable from the files on this machine.
+    symbols: Vec<Option<String>>,
 }
 
 fn load(path: &Path) -> Result<Info, String> {
@@ -108,7 +110,10 @@ fn load(path: &Path) -> Result<Info, String> {
         })
         .collect();
     let holes = core.hole_bytes();
+    let sym = coreflect::elf::symbols::Symbolizer::new(&core, &notes.files);
+    let symbols = notes.threads.iter().map(|t| sym.lookup(t.rip())).collect();
     Ok(Info {
+        symbols,
         path: path.to_path_buf(),
         core,
         notes,
@@ -174,7 +179,7 @@ fn text(i: &Info, all: bool) -> String {
         let _ = writeln!(o, "signal: {}", signal_name(s));
     }
     let _ = writeln!(o, "threads: {}", n.threads.len());
-    for t in &n.threads {
+    for (t, sym) in n.threads.iter().zip(&i.symbols) {
         let _ = write!(
             o,
             "  tid {:<8} rip {:#018x}  rsp {:#018x}",
@@ -182,6 +187,9 @@ fn text(i: &Info, all: bool) -> String {
             t.rip(),
             t.rsp()
         );
+        if let Some(s) = sym {
+            let _ = write!(o, "  {s}");
+        }
         if t.signal != 0 {
             let _ = write!(o, "  signal {}", signal_name(t.signal));
         }
@@ -266,13 +274,15 @@ fn json(i: &Info) -> String {
     let threads: Vec<String> = n
         .threads
         .iter()
-        .map(|t| {
+        .zip(&i.symbols)
+        .map(|(t, sym)| {
             format!(
-                "{{\"tid\":{},\"signal\":{},\"rip\":{},\"rsp\":{}}}",
+                "{{\"tid\":{},\"signal\":{},\"rip\":{},\"rsp\":{},\"symbol\":{}}}",
                 t.tid,
                 t.signal,
                 t.rip(),
-                t.rsp()
+                t.rsp(),
+                sym.as_deref().map_or_else(|| "null".into(), json_str)
             )
         })
         .collect();

@@ -406,6 +406,12 @@ fn info_agrees_with_gdb_and_elfutils() {
         .collect();
     assert_eq!(ours, theirs);
     assert!(info.contains("\"coreflect\":{\"version\":"), "{info}");
+    // Threads' functions, resolved from libc on this machine (build-ids match).
+    let syms = json_strs(&info, "symbol");
+    assert!(
+        syms.iter().any(|s| s.contains("pause")) && syms.iter().any(|s| s.contains("nanosleep")),
+        "{syms:?}"
+    );
     assert!(info.contains(&format!("\"pid\":{}", t.pid)));
 
     // The text form names the process and the threads.

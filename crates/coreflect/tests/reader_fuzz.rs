@@ -48,7 +48,16 @@ fn exercise(path: &Path) -> bool {
     match core.notes() {
         Ok(n) => {
             let _ = reader::thread_ids(&n);
-            reader::parse_notes(&n).is_ok()
+            match reader::parse_notes(&n) {
+                Ok(typed) => {
+                    let sym = coreflect::elf::symbols::Symbolizer::new(&core, &typed.files);
+                    for t in &typed.threads {
+                        let _ = sym.lookup(t.rip());
+                    }
+                    true
+                }
+                Err(_) => false,
+            }
         }
         Err(_) => false,
     }

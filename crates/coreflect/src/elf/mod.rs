@@ -3,6 +3,7 @@
 pub mod meta;
 pub mod notes;
 pub mod reader;
+pub mod symbols;
 pub mod writer;
 
 /// `ET_CORE`.
