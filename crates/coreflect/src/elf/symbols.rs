@@ -9,13 +9,13 @@ use std::io;
 use std::os::unix::fs::FileExt;
 
 fn u16at(b: &[u8], o: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(o..o + 2)?.try_into().ok()?))
+    Some(u16::from_le_bytes(b.get(o..o.checked_add(2)?)?.try_into().ok()?))
 }
 fn u32at(b: &[u8], o: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?))
+    Some(u32::from_le_bytes(b.get(o..o.checked_add(4)?)?.try_into().ok()?))
 }
 fn u64at(b: &[u8], o: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?))
+    Some(u64::from_le_bytes(b.get(o..o.checked_add(8)?)?.try_into().ok()?))
 }
 
 /// The GNU build-id in the notes of an ELF image whose first bytes are `head` and whose
@@ -31,7 +31,7 @@ fn build_id(
     let phoff = u64at(head, 32)? as usize;
     let phnum = u16at(head, 56)? as usize;
     for i in 0..phnum.min(64) {
-        let p = phoff + i * 56;
+        let p = phoff.checked_add(i * 56)?;
         if u32at(head, p)? != 4 {
             continue;
         }
@@ -192,8 +192,10 @@ fn load(core: &CoreFile, base: u64, path: &str) -> io::Result<Option<Vec<(u64, u
     let Some(fh) = rd(0, 64) else { return Ok(None) };
     let fhead = rd(
         0,
-        (u64at(&fh, 32).unwrap_or(64) + 56 * u16at(&fh, 56).unwrap_or(0) as u64).min(65536)
-            as usize,
+        u64at(&fh, 32)
+            .unwrap_or(64)
+            .saturating_add(56 * u16at(&fh, 56).unwrap_or(0) as u64)
+            .min(65536) as usize,
     );
     let Some(fhead) = fhead else { return Ok(None) };
     let on_disk = build_id(&fhead, &|o, n| rd(o, n), false);
