@@ -170,6 +170,12 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
     let threads = snap.threads().len();
     let segments = snap.mappings().len();
     let mut warnings = snap.warnings().to_vec();
+    if opts.snapshot.direct_write && !direct {
+        warnings.push(
+            "direct writing applies to uncompressed core files only: the memory was read the usual way"
+                .into(),
+        );
+    }
     for u in &stats.unreadable {
         warnings.push(format!(
             "{:#x}-{:#x} ({}) could not be read ({}); left as a hole",
