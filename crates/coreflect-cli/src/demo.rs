@@ -70,6 +70,9 @@ fn demo(a: &DemoArgs) -> anyhow::Result<()> {
             output: a.output.clone(),
             overwrite: true,
             filter: None,
+            level: Default::default(),
+            compress: None,
+            stdout: false,
         },
         &mut |_, _| true,
     );

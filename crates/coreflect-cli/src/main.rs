@@ -4,6 +4,7 @@
 //! and reports. All the work is in the library.
 
 mod demo;
+mod info;
 mod report;
 mod warden;
 
@@ -32,6 +33,8 @@ struct Cli {
 enum Cmd {
     /// Dump a running process to an ELF core file.
     Dump(DumpArgs),
+    /// Show what a core file (or a .zst of one) holds: process, threads, mappings, notes.
+    Info(info::InfoArgs),
     /// Start a sample multi-threaded process, dump it, and show how to open the core.
     Demo(demo::DemoArgs),
     /// Run the built-in test target (used by the demo, the tests and the benchmarks).
@@ -59,9 +62,21 @@ pub struct DumpArgs {
     /// The process to dump.
     #[arg(allow_negative_numbers = true)]
     pid: i64,
-    /// Output path (default: <comm>_<yymmdd_HHMMSS>.<pid>.core in the current directory).
+    /// Output path (default: <comm>_<yymmdd_HHMMSS>.<pid>.core in the current directory);
+    /// `-` writes the core to standard output (a pipe or socket, not a terminal).
     #[arg(short, long)]
     output: Option<PathBuf>,
+    /// How much memory: mini (stacks, ELF headers, loader data: backtraces and libraries),
+    /// default (what the kernel would dump), full (every readable mapping, like gcore -a).
+    #[arg(long, value_enum, default_value = "default")]
+    level: LevelArg,
+    /// Compress the core into one zstd frame: `zstd` or `zstd:LEVEL` (1-19; default 3).
+    /// `.zst` is appended to the default name.
+    #[arg(long, value_parser = parse_compress)]
+    compress: Option<i32>,
+    /// Also write the JSON report to this file (with `-o -`, the report never goes to stdout).
+    #[arg(long)]
+    json_file: Option<PathBuf>,
     /// How to take the snapshot.
     #[arg(long, value_enum, default_value = "auto")]
     mode: ModeArg,
@@ -77,7 +92,7 @@ pub struct DumpArgs {
     /// Give up if the threads do not all stop within this time (e.g. 2s).
     #[arg(long, value_parser = parse_duration, default_value = "2s")]
     stop_timeout: Duration,
-    /// coredump_filter bits to use instead of the target's (hex, e.g. 0x33).
+    /// coredump_filter bits to use instead of the target's (hex, e.g. 0x33); overrides --level.
     #[arg(long, value_parser = parse_hex)]
     filter: Option<u32>,
     /// No progress display.
@@ -87,6 +102,28 @@ pub struct DumpArgs {
     /// time then shows in the target's children's times).
     #[arg(long)]
     direct_write: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LevelArg {
+    /// Stacks from SP, ELF headers, the loader's data, the vDSO.
+    Mini,
+    /// The kernel's rules with the target's coredump_filter.
+    Default,
+    /// Every readable mapping, file-backed ones included.
+    Full,
+}
+
+fn parse_compress(s: &str) -> Result<i32, String> {
+    let bad = || format!("'{s}' is not a compression (zstd or zstd:LEVEL with LEVEL 1-19)");
+    match s.split_once(':') {
+        None if s == "zstd" => Ok(3),
+        Some(("zstd", l)) => match l.parse::<i32>() {
+            Ok(l) if (1..=19).contains(&l) => Ok(l),
+            _ => Err(bad()),
+        },
+        _ => Err(bad()),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -154,6 +191,13 @@ pub fn run_dump(a: &DumpArgs) -> i32 {
         report::error(a.json, &coreflect::Error::SelfDump { pid });
         return 1;
     }
+    let to_stdout = a.output.as_deref() == Some(std::path::Path::new("-"));
+    if to_stdout && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        eprintln!(
+            "coreflect: error: refusing to write a core to a terminal: redirect standard output to a file or pipe (e.g. `-o - | zstd > core.zst`), or give a path with -o"
+        );
+        return 1;
+    }
     let output = match &a.output {
         Some(p) => p.clone(),
         None => {
@@ -164,13 +208,23 @@ pub fn run_dump(a: &DumpArgs) -> i32 {
                     return 1;
                 }
             };
-            PathBuf::from(coreflect::output::default_name(&comm, pid))
+            let mut name = coreflect::output::default_name(&comm, pid);
+            if a.compress.is_some() {
+                name.push_str(".zst");
+            }
+            PathBuf::from(name)
         }
     };
-    warden::run_guarded(|cancel| dump_in_warden(a, pid, output, cancel))
+    warden::run_guarded(|cancel| dump_in_warden(a, pid, output, to_stdout, cancel))
 }
 
-fn dump_in_warden(a: &DumpArgs, pid: i32, output: PathBuf, cancel: Arc<AtomicBool>) -> i32 {
+fn dump_in_warden(
+    a: &DumpArgs,
+    pid: i32,
+    output: PathBuf,
+    to_stdout: bool,
+    cancel: Arc<AtomicBool>,
+) -> i32 {
     let opts = DumpOptions {
         snapshot: Options {
             mode: match a.mode {
@@ -187,17 +241,39 @@ fn dump_in_warden(a: &DumpArgs, pid: i32, output: PathBuf, cancel: Arc<AtomicBoo
         output,
         overwrite: a.overwrite,
         filter: a.filter,
+        level: match a.level {
+            LevelArg::Mini => coreflect::Level::Mini,
+            LevelArg::Default => coreflect::Level::Default,
+            LevelArg::Full => coreflect::Level::Full,
+        },
+        compress: a.compress,
+        stdout: to_stdout,
     };
+    // With the core on stdout, the report goes to stderr.
+    let json_stdout = a.json && !to_stdout;
     let mut progress = report::ProgressLine::new(!a.quiet && !a.json);
     match coreflect::dump(pid, &opts, &mut |d, t| progress.update(d, t)) {
         Ok(r) => {
             progress.clear();
-            report::success(a.json, &r);
+            if let Some(p) = &a.json_file {
+                if let Err(e) = std::fs::write(p, report::report_json(&r) + "\n") {
+                    eprintln!(
+                        "coreflect: error: writing the JSON report to {}: {e} (the core itself is complete)",
+                        p.display()
+                    );
+                    return 1;
+                }
+            }
+            if a.json && to_stdout {
+                eprintln!("{}", report::report_json(&r));
+            } else {
+                report::success(json_stdout, &r);
+            }
             0
         }
         Err(e) => {
             progress.clear();
-            report::error(a.json, &e);
+            report::error(json_stdout, &e);
             match e {
                 coreflect::Error::Cancelled => 130,
                 _ => 1,
@@ -210,6 +286,7 @@ fn main() {
     let cli = Cli::parse();
     let code = match &cli.cmd {
         Cmd::Dump(a) => run_dump(a),
+        Cmd::Info(a) => info::run(a),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Target { args } => match coreflect_target::TargetOptions::parse(args) {
             Ok(o) => coreflect_target::run(o),

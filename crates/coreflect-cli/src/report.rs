@@ -39,6 +39,8 @@ struct JsonReport<'a> {
     zero_bytes: u64,
     written_by_clone: u64,
     duration_ms: u64,
+    level: &'a str,
+    compressed_size: Option<u64>,
     warnings: &'a [String],
 }
 
@@ -79,6 +81,8 @@ pub fn report_json(r: &DumpReport) -> String {
         zero_bytes: r.zero_bytes,
         written_by_clone: r.written_by_clone,
         duration_ms: r.duration_ms,
+        level: r.level.as_str(),
+        compressed_size: r.compressed_size,
         warnings: &r.warnings,
     };
     serde_json::to_string(&report).expect("a report serializes")
@@ -140,6 +144,14 @@ pub fn success(json: bool, r: &DumpReport) {
             String::new()
         }
     );
+    if let Some(c) = r.compressed_size {
+        let _ = writeln!(
+            e,
+            "  compressed (zstd) to {} ({:.1}% of the core)",
+            bytes(c),
+            100.0 * c as f64 / r.file_size.max(1) as f64
+        );
+    }
     for w in &r.warnings {
         let _ = writeln!(e, "  warning: {w}");
     }
@@ -227,4 +239,9 @@ impl ProgressLine {
             eprint!("\r{:60}\r", "");
         }
     }
+}
+
+/// A JSON string literal for `s` (quoted and escaped).
+pub fn json_str(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serializes")
 }

@@ -276,7 +276,9 @@ fn same_notes_and_segments_as_gcore_and_the_kernel() {
     assert!(ok, "gcore failed: {out}");
     let g = d.join(format!("gcore.{}", t.pid));
     let gnotes = note_types(&g);
-    let onotes = note_types(&ours);
+    let mut onotes = note_types(&ours);
+    // coreflect's own note is the one addition to the kernel's set.
+    assert!(onotes.remove(&coreflect::elf::meta::NT_COREFLECT));
     // NT_GDB_TDESC (0xff000000) is gdb's own target description; the kernel does not
     // write it either.
     for ty in gnotes.iter().filter(|t| **t != 0xff00_0000) {

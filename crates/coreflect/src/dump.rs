@@ -1,10 +1,12 @@
 //! The whole job: snapshot a process, write its core to a file safely, report what
 //! happened.
 
+use crate::elf::meta::{self, Metadata};
 use crate::elf::writer::Progress;
+use crate::elf::writer::{StreamSink, WriteStats};
 use crate::error::{Error, Pid, Result};
+use crate::level::Level;
 use crate::output::OutputFile;
-use crate::select::KernelPolicy;
 use crate::snapshot::{Mode, Options, PauseBreakdown, Phase, Snapshot};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -18,8 +20,15 @@ pub struct DumpOptions {
     pub output: PathBuf,
     /// Replace an existing file at `output`.
     pub overwrite: bool,
-    /// Override the target's `coredump_filter`.
+    /// Override the target's `coredump_filter` (and `level`).
     pub filter: Option<u32>,
+    /// How much memory goes into the core.
+    pub level: Level,
+    /// Compress the core into one zstd frame at this level (1-22; 3 is zstd's default).
+    pub compress: Option<i32>,
+    /// Write the core to standard output (a pipe or socket) instead of `output`:
+    /// sequentially, holes as zeros.
+    pub stdout: bool,
 }
 
 /// What a dump did.
@@ -51,6 +60,10 @@ pub struct DumpReport {
     pub duration_ms: u64,
     /// Problems that did not stop the dump.
     pub warnings: Vec<String>,
+    /// The level used (`filter` overrides it).
+    pub level: Level,
+    /// Bytes of the zstd frame, when compressed (`file_size` is the core's own length).
+    pub compressed_size: Option<u64>,
 }
 
 /// Dumps process `pid` to `opts.output`.
@@ -60,11 +73,18 @@ pub struct DumpReport {
 /// released, the clone killed and reaped, and nothing is left at the path.
 pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result<DumpReport> {
     let t0 = Instant::now();
-    let out = OutputFile::create(&opts.output, opts.overwrite)?;
-    let mut snap = Snapshot::capture(pid, &opts.snapshot)?;
-    let policy = KernelPolicy {
-        filter: opts.filter.unwrap_or(snap.process().coredump_filter),
+    let out = if opts.stdout {
+        None
+    } else {
+        Some(OutputFile::create(&opts.output, opts.overwrite)?)
     };
+    let mut snap = Snapshot::capture(pid, &opts.snapshot)?;
+    let segs = crate::level::plan(&snap, opts.level, opts.filter);
+    let direct = opts.snapshot.direct_write && out.is_some() && opts.compress.is_none();
+    let mut notes = snap.notes();
+    let meta_at = notes.len();
+    let meta = metadata(&snap, opts, direct);
+    crate::elf::notes::push_note(&mut notes, meta::NOTE_NAME, meta::NT_COREFLECT, &meta);
     if let Some(h) = &opts.snapshot.hook {
         h(Phase::Writing)
     }
@@ -75,22 +95,72 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
                 .as_ref()
                 .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst))
     };
-    let stats = snap
-        .write_core_file(out.file(), &policy, &mut prog)
+    let out_path = if opts.stdout {
+        PathBuf::from("(standard output)")
+    } else {
+        opts.output.clone()
+    };
+    let mut compressed_size = None;
+    let stats = match (&out, opts.compress) {
+        (Some(out), None) => {
+            let st = snap.write_core_file_with(out.file(), &notes, &segs, &mut prog);
+            if let Ok(st) = &st {
+                if direct && st.written_by_clone == 0 {
+                    // Direct writing was asked for but not used: say so in the note.
+                    fix_write_path(out.file(), &notes, meta_at, segs.len())?;
+                }
+            }
+            st
+        }
+        (Some(out), Some(level)) => {
+            let (st, n) = write_core_zstd(&snap, out.file(), level, &notes, &segs, &mut prog)?;
+            compressed_size = Some(n);
+            Ok(st)
+        }
+        (None, c) => {
+            // SAFETY: fd 1 stays open for the whole process; ManuallyDrop never closes it.
+            let stdout = std::mem::ManuallyDrop::new(unsafe {
+                <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(1)
+            });
+            match c {
+                Some(level) => {
+                    let (st, n) =
+                        write_core_zstd(&snap, &*stdout, level, &notes, &segs, &mut prog)?;
+                    compressed_size = Some(n);
+                    Ok(st)
+                }
+                None => {
+                    let mut sink =
+                        StreamSink::new(std::io::BufWriter::with_capacity(1 << 20, &*stdout));
+                    snap.write_core_with(&mut sink, &notes, &segs, &mut prog)
+                }
+            }
+        }
+    };
+    let stats = stats
+        .and_then(|st| snap.check_image_alive().map(|_| st))
         .map_err(|e| match e {
             Error::Io { what, source } if source.raw_os_error() == Some(libc::ENOSPC) => {
                 Error::Output {
                     what: "writing the core to",
-                    path: opts.output.clone(),
+                    path: out_path.clone(),
                     source,
                     hint: format!(
                         "; the filesystem is full ({what}): free space or choose another -o"
                     ),
                 }
             }
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe => {
+                Error::Output {
+                    what: "writing the core to",
+                    path: out_path.clone(),
+                    source,
+                    hint: "; the reader of the pipe went away before the end: the core it got is incomplete".into(),
+                }
+            }
             Error::Io { source, .. } => Error::Output {
                 what: "writing the core to",
-                path: opts.output.clone(),
+                path: out_path.clone(),
                 source,
                 hint: String::new(),
             },
@@ -100,6 +170,12 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
     let threads = snap.threads().len();
     let segments = snap.mappings().len();
     let mut warnings = snap.warnings().to_vec();
+    if opts.snapshot.direct_write && !direct {
+        warnings.push(
+            "direct writing applies to uncompressed core files only: the memory was read the usual way"
+                .into(),
+        );
+    }
     for u in &stats.unreadable {
         warnings.push(format!(
             "{:#x}-{:#x} ({}) could not be read ({}); left as a hole",
@@ -124,7 +200,10 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
     {
         return Err(Error::Cancelled);
     }
-    let path = out.commit();
+    let path = match out {
+        Some(out) => out.commit(),
+        None => Ok(PathBuf::from("-")),
+    };
     let (w, reap_us) = snap.finish_timed();
     warnings.extend(w);
     pause.reap_us = reap_us.unwrap_or(0);
@@ -143,5 +222,111 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
         written_by_clone: stats.written_by_clone,
         duration_ms: t0.elapsed().as_millis() as u64,
         warnings,
+        level: opts.level,
+        compressed_size,
     })
+}
+
+/// The `COREFLECT` note's descriptor for this dump.
+fn metadata(snap: &Snapshot, opts: &DumpOptions, direct: bool) -> Vec<u8> {
+    let mut m = Metadata::default();
+    m.push("version", env!("CARGO_PKG_VERSION"));
+    m.push("mode", snap.mode().as_str());
+    m.push("level", opts.level.as_str());
+    if let Some(f) = opts.filter {
+        m.push("filter", format!("{f:#x}"));
+    }
+    if snap.mode() == crate::snapshot::Mode::Suspend {
+        // Stopped until the end of the write, which has not begun.
+        m.push("pause", "the whole write (suspend mode)");
+    } else {
+        m.push("pause_us", snap.pause().total_us);
+    }
+    m.push("write_path", meta::write_path_value(direct));
+    m.push("output", if opts.stdout { "stream" } else { "file" });
+    m.push(
+        "compression",
+        match opts.compress {
+            Some(l) => format!("zstd:{l}"),
+            None => "none".into(),
+        },
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    m.push("created", now);
+    for w in snap.warnings() {
+        m.push("warning", w);
+    }
+    m.encode()
+}
+
+/// Rewrites the note's `write_path` value in place (same width) after direct writing fell
+/// back to reading the clone.
+fn fix_write_path(file: &std::fs::File, notes: &[u8], meta_at: usize, nsegs: usize) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let key = b"write_path=";
+    let Some(k) = notes[meta_at..].windows(key.len()).position(|w| w == key) else {
+        return Ok(());
+    };
+    // Where the layout puts the notes: after the ELF header, the program headers (one
+    // PT_NOTE and the loads) and, past PN_XNUM of them, one section header.
+    let nphdr = nsegs + 1;
+    let xnum = nphdr >= crate::elf::PN_XNUM as usize;
+    let notes_offset = crate::elf::EHDR_SIZE
+        + nphdr * crate::elf::PHDR_SIZE
+        + if xnum { crate::elf::SHDR_SIZE } else { 0 };
+    let at = (notes_offset + meta_at + k + key.len()) as u64;
+    file.write_all_at(meta::write_path_value(false).as_bytes(), at)
+        .map_err(|e| Error::io("correcting the COREFLECT note", e))
+}
+
+/// Counts the bytes written through it.
+struct Counter<W: std::io::Write> {
+    w: W,
+    n: u64,
+}
+
+impl<W: std::io::Write> std::io::Write for Counter<W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let k = self.w.write(b)?;
+        self.n += k as u64;
+        Ok(k)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.w.flush()
+    }
+}
+
+/// Writes the core of `snap` as one zstd frame at `level` into `w` (multithreaded encoder:
+/// compression runs on worker threads while the reader threads fill the next chunks; holes
+/// are compressed zeros). Decompressed, it is byte for byte what [`Snapshot::write_core_with`]
+/// writes. Returns the stats and the frame's length.
+pub fn write_core_zstd<W: std::io::Write>(
+    snap: &Snapshot,
+    w: W,
+    level: i32,
+    notes: &[u8],
+    segs: &[crate::elf::writer::SegmentPlan],
+    prog: &mut dyn crate::elf::writer::Progress,
+) -> Result<(WriteStats, u64)> {
+    let zerr = |e: std::io::Error| Error::io("starting the zstd compressor", e);
+    let counter = Counter {
+        w: std::io::BufWriter::with_capacity(1 << 20, w),
+        n: 0,
+    };
+    let mut enc = zstd::stream::write::Encoder::new(counter, level).map_err(zerr)?;
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    enc.multithread(workers).map_err(zerr)?;
+    let mut sink = StreamSink::new(enc);
+    let st = snap.write_core_with(&mut sink, notes, segs, prog)?;
+    let enc = sink.into_inner();
+    let mut counter = enc
+        .finish()
+        .map_err(|e| Error::io("finishing the zstd frame", e))?;
+    std::io::Write::flush(&mut counter).map_err(|e| Error::io("writing the core", e))?;
+    Ok((st, counter.n))
 }

@@ -14,6 +14,7 @@
 //! - [`ptrace`], [`stop`], [`inject`]: stopping threads and injecting syscalls;
 //! - [`snapshot`]: reflection, and the snapshot API;
 //! - [`select`]: which memory goes into a core (a policy apart from the writer);
+//! - [`level`]: dump levels (mini, default, full);
 //! - [`elf`]: the notes, the streaming core writer and a core reader;
 //! - [`output`]: creating the core file safely;
 //! - [`arch::x86_64`]: registers and syscall conventions.
@@ -30,6 +31,7 @@ pub mod dump;
 pub mod elf;
 pub mod error;
 pub mod inject;
+pub mod level;
 pub mod lock;
 pub mod output;
 pub mod proc;
@@ -41,6 +43,7 @@ pub mod stop;
 
 pub use dump::{dump, DumpOptions, DumpReport};
 pub use error::{Error, Pid, Result};
+pub use level::Level;
 pub use snapshot::{Mode, Options, PauseBreakdown, Phase, Snapshot};
 
 /// The system's page size in bytes.

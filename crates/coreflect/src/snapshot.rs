@@ -795,9 +795,19 @@ impl Snapshot {
         policy: &dyn RegionPolicy,
         progress: &mut dyn Progress,
     ) -> Result<WriteStats> {
-        let segs = self.plan(policy);
-        let notes = self.notes();
-        writer::write_core(sink, &notes, &segs, self, progress)
+        self.write_core_with(sink, &self.notes(), &self.plan(policy), progress)
+    }
+
+    /// [`Snapshot::write_core`] with given notes and segments (e.g. a
+    /// [`crate::level::mini_plan`], or extra notes appended to [`Snapshot::notes`]).
+    pub fn write_core_with(
+        &self,
+        sink: &mut dyn Sink,
+        notes: &[u8],
+        segs: &[SegmentPlan],
+        progress: &mut dyn Progress,
+    ) -> Result<WriteStats> {
+        writer::write_core(sink, notes, segs, self, progress)
     }
 
     /// Writes a complete ELF core of the snapshot into `file` (new or empty). In reflect
@@ -809,8 +819,17 @@ impl Snapshot {
         policy: &dyn RegionPolicy,
         progress: &mut dyn Progress,
     ) -> Result<WriteStats> {
-        let segs = self.plan(policy);
-        let notes = self.notes();
+        self.write_core_file_with(file, &self.notes(), &self.plan(policy), progress)
+    }
+
+    /// [`Snapshot::write_core_file`] with given notes and segments.
+    pub fn write_core_file_with(
+        &self,
+        file: &std::fs::File,
+        notes: &[u8],
+        segs: &[SegmentPlan],
+        progress: &mut dyn Progress,
+    ) -> Result<WriteStats> {
         let direct = self
             .clone
             .as_ref()
@@ -820,7 +839,7 @@ impl Snapshot {
             });
         let direct_result = direct
             .as_ref()
-            .map(|d| writer::write_core_direct(file, &notes, &segs, self, d, progress));
+            .map(|d| writer::write_core_direct(file, notes, segs, self, d, progress));
         let st = match direct_result {
             Some(Ok(st)) => st,
             Some(Err(Error::Cancelled)) => return Err(Error::Cancelled),
@@ -828,7 +847,7 @@ impl Snapshot {
             // it writes replaces what the clone wrote at the same place).
             _ => {
                 let mut sink = writer::FileSink::new(file);
-                writer::write_core(&mut sink, &notes, &segs, self, progress)?
+                writer::write_core(&mut sink, notes, segs, self, progress)?
             }
         };
         self.check_image_alive()?;

@@ -1,7 +1,9 @@
 //! The ELF core format: notes, the streaming writer, and a reader for checking cores.
 
+pub mod meta;
 pub mod notes;
 pub mod reader;
+pub mod symbols;
 pub mod types;
 pub mod writer;
 
