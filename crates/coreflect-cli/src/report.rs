@@ -125,9 +125,24 @@ pub fn success(json: bool, r: &DumpReport) {
 
 /// Prints an error: one line on stderr (and a JSON object on stdout with `--json`).
 pub fn error(json: bool, err: &coreflect::Error) {
-    eprintln!("coreflect: error: {err}");
+    let msg = format!("{err}{}", cli_hint(err));
+    eprintln!("coreflect: error: {msg}");
     if json {
-        println!("{{\"error\":{}}}", json_str(&err.to_string()));
+        println!("{{\"error\":{}}}", json_str(&msg));
+    }
+}
+
+/// What the command line offers for an error (the library's messages name no flags).
+fn cli_hint(err: &coreflect::Error) -> &'static str {
+    use coreflect::Error;
+    match err {
+        Error::StopTimeout { .. } => " (--stop-timeout)",
+        Error::ReflectUnavailable { .. } => {
+            ": use --mode suspend (or auto) to dump with the target stopped"
+        }
+        Error::PauseTooLong { .. } => " (--max-pause)",
+        Error::Cancelled => " and no file was left",
+        _ => "",
     }
 }
 

@@ -5,7 +5,8 @@ use crate::elf::writer::Progress;
 use crate::error::{Error, Pid, Result};
 use crate::output::OutputFile;
 use crate::select::KernelPolicy;
-use crate::snapshot::{Mode, Options, PauseBreakdown, Phase, Snapshot};
+use crate::snapshot::{Mode, Options, PauseBreakdown, Phase};
+use crate::Snapshot;
 use std::path::PathBuf;
 use std::time::Instant;
 

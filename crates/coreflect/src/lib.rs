@@ -30,6 +30,7 @@ pub mod dump;
 pub mod elf;
 pub mod error;
 pub mod inject;
+pub mod inspect;
 pub mod lock;
 pub mod output;
 pub mod proc;
@@ -40,7 +41,10 @@ pub mod stop;
 
 pub use dump::{dump, DumpOptions, DumpReport};
 pub use error::{Error, Pid, Result};
-pub use snapshot::{Mode, Options, Phase, Snapshot};
+pub use inspect::{AuxvEntry, Freshness, LiveReason, Module, Registers, Thread};
+pub use proc::Mapping;
+pub use snapshot::handle::{MemoryView, Snapshot};
+pub use snapshot::{Mode, Options, Phase};
 
 /// The system's page size in bytes.
 pub fn page_size() -> u64 {
