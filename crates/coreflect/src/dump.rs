@@ -59,6 +59,20 @@ pub struct DumpReport {
 /// The output is created (unnamed) before the target is touched, so a bad path costs the
 /// target nothing; it gets its name only once complete. On any error the target is
 /// released, the clone killed and reaped, and nothing is left at the path.
+///
+/// ```no_run
+/// use coreflect::{DumpOptions, Options};
+/// # fn main() -> coreflect::Result<()> {
+/// let opts = DumpOptions {
+///     snapshot: Options::default(),
+///     output: "/var/tmp/app.core".into(),
+///     overwrite: false,
+///     filter: None, // the target's own coredump_filter
+/// };
+/// let report = coreflect::dump(1234, &opts, &mut |_done, _total| true)?;
+/// println!("paused {} µs, wrote {} bytes", report.pause.total_us, report.bytes_written);
+/// # Ok(()) }
+/// ```
 pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result<DumpReport> {
     let t0 = Instant::now();
     let out = OutputFile::create(&opts.output, opts.overwrite)?;

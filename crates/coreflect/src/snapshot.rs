@@ -79,6 +79,16 @@ impl Phase {
 pub type PhaseHook = Arc<dyn Fn(Phase) + Send + Sync>;
 
 /// Options of [`crate::Snapshot::capture`].
+///
+/// ```
+/// use std::time::Duration;
+/// let opts = coreflect::Options {
+///     mode: coreflect::Mode::Reflect,            // fail rather than keep the target stopped
+///     max_pause: Some(Duration::from_millis(50)), // refuse, before stopping, if longer
+///     ..Default::default()
+/// };
+/// assert_eq!(opts.stop_timeout, Duration::from_secs(2));
+/// ```
 #[derive(Clone)]
 pub struct Options {
     /// Reflect, suspend, or choose.

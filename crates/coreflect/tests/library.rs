@@ -241,12 +241,12 @@ fn vfork_thread_past_the_timeout_is_released_and_the_next_capture_succeeds() {
         assert!(Instant::now() < deadline, "the vfork thread never waited");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let opts = Options {
+    let short = Options {
         stop_timeout: Duration::from_millis(300),
         ..Default::default()
     };
     let started = Instant::now();
-    match Snapshot::capture(t.pid, &opts) {
+    match Snapshot::capture(t.pid, &short) {
         Err(Error::StopTimeout { tid, .. }) => assert_eq!(tid, vt),
         Err(e) => panic!("expected a stop timeout, got: {e}"),
         Ok(_) => panic!("the thread in vfork was stopped: the test did not test anything"),

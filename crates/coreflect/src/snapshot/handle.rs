@@ -47,10 +47,10 @@ use std::time::{Duration, Instant};
 /// for t in snap.threads() {
 ///     println!("{} {} pc={:#x}", t.tid(), t.name(), t.pc());
 /// }
-/// let argv = snap.argv();
+/// println!("{:?}", snap.argv());
 /// let value = snap.read_u64(0x7f00_0000_1000)?;
 /// std::thread::spawn(move || drop(snap)); // Send: finish it anywhere
-/// # let _ = (argv, value);
+/// # let _ = value;
 /// # Ok(()) }
 /// ```
 pub struct Snapshot {
