@@ -142,6 +142,9 @@ fn cli_hint(err: &coreflect::Error) -> &'static str {
         }
         Error::PauseTooLong { .. } => " (--max-pause)",
         Error::Cancelled => " and no file was left",
+        Error::Output { source, .. } if source.raw_os_error() == Some(libc::EEXIST) => {
+            " (--overwrite replaces it)"
+        }
         _ => "",
     }
 }

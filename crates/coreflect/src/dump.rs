@@ -99,7 +99,7 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
                     path: opts.output.clone(),
                     source,
                     hint: format!(
-                        "; the filesystem is full ({what}): free space or choose another -o"
+                        "; the filesystem is full ({what}): free space or choose another path"
                     ),
                 }
             }

@@ -27,14 +27,14 @@ fn cstr(p: &Path) -> CString {
 
 fn out_err(what: &'static str, path: &Path, e: io::Error) -> Error {
     let hint = match e.raw_os_error() {
-        Some(libc::ENOENT) => "; the directory does not exist: create it or choose another -o",
+        Some(libc::ENOENT) => "; the directory does not exist: create it or choose another path",
         Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => {
-            "; the directory is not writable by this user: choose another -o"
+            "; the directory is not writable by this user: choose another path"
         }
         Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
-            "; the filesystem is full: free space or choose another -o"
+            "; the filesystem is full: free space or choose another path"
         }
-        Some(libc::EEXIST) => "; pass --overwrite to replace it, or choose another -o",
+        Some(libc::EEXIST) => "; it exists: allow overwriting it, or choose another path",
         _ => "",
     };
     Error::Output {
@@ -59,7 +59,7 @@ impl OutputFile {
                     what: "refusing to write through the symbolic link",
                     path: path.to_path_buf(),
                     source: io::Error::from_raw_os_error(libc::ELOOP),
-                    hint: "; coreflect never follows or replaces a symlink at the output path: remove it or choose another -o".into(),
+                    hint: "; coreflect never follows or replaces a symlink at the output path: remove it or choose another path".into(),
                 })
             }
             Ok(m) if m.is_dir() => {
