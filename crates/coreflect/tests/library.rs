@@ -565,15 +565,35 @@ fn main() {
             library_messages_name_no_command_line_flags,
         ),
     ];
-    let filters: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let list = std::env::args().any(|a| a == "--list");
+    // libtest's arguments: NAME filters (substrings), `--exact`, `--skip NAME`, `--list`;
+    // other flags (and the values of those that take one) are accepted and ignored.
+    let (mut filters, mut skips, mut exact, mut list) = (Vec::new(), Vec::new(), false, false);
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--list" => list = true,
+            "--exact" => exact = true,
+            "--skip" => skips.extend(args.next()),
+            "--test-threads" | "--format" | "--color" | "--logfile" | "-Z" | "--shuffle-seed" => {
+                args.next();
+            }
+            _ if a.starts_with('-') => {}
+            _ => filters.push(a),
+        }
+    }
+    let matches = |name: &str, f: &String| {
+        if exact {
+            name == f
+        } else {
+            name.contains(f.as_str())
+        }
+    };
     let mut failed = Vec::new();
     let mut ran = 0;
     for (name, f) in tests {
-        if !filters.is_empty() && !filters.iter().any(|x| name.contains(x.as_str())) {
+        if (!filters.is_empty() && !filters.iter().any(|f| matches(name, f)))
+            || skips.iter().any(|f| matches(name, f))
+        {
             continue;
         }
         if list {
