@@ -11,6 +11,18 @@ use std::path::PathBuf;
 pub type Pid = i32;
 
 /// The error type of every fallible coreflect operation.
+///
+/// ```no_run
+/// use coreflect::{Error, Snapshot};
+/// # fn main() {
+/// let snap = Snapshot::capture(1234, &Default::default()).unwrap();
+/// match snap.read_u64(0x10) {
+///     Ok(v) => println!("{v:#x}"),
+///     Err(Error::Memory { addr, live, .. }) => eprintln!("{addr:#x} unreadable (live: {live})"),
+///     Err(e) => eprintln!("{e}"),
+/// }
+/// # }
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The pid is not a process on this system.

@@ -331,6 +331,15 @@ impl Snapshot {
     }
 
     /// The thread `tid`, if the snapshot has it.
+    ///
+    /// ```no_run
+    /// # fn main() -> coreflect::Result<()> {
+    /// let snap = coreflect::Snapshot::capture(1234, &Default::default())?;
+    /// if let Some(t) = snap.thread(1234) {
+    ///     println!("main thread at {:#x}", t.pc());
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn thread(&self, tid: Pid) -> Option<&Thread> {
         self.threads.iter().find(|t| t.tid() == tid)
     }
@@ -349,6 +358,15 @@ impl Snapshot {
 
     /// The environment, one `KEY=value` entry each (`/proc/PID/environ`), as of the
     /// snapshot.
+    ///
+    /// ```no_run
+    /// # fn main() -> coreflect::Result<()> {
+    /// let snap = coreflect::Snapshot::capture(1234, &Default::default())?;
+    /// for e in snap.environ() {
+    ///     println!("{}", e.to_string_lossy());
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn environ(&self) -> &[OsString] {
         &self.environ
     }
@@ -405,6 +423,16 @@ impl Snapshot {
     }
 
     /// The module containing address `addr`, if any.
+    ///
+    /// ```no_run
+    /// # fn main() -> coreflect::Result<()> {
+    /// let snap = coreflect::Snapshot::capture(1234, &Default::default())?;
+    /// let pc = snap.threads()[0].pc();
+    /// if let Some(m) = snap.module_at(pc) {
+    ///     println!("in {} at offset {:#x}", m.path, pc - m.load_bias);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn module_at(&self, addr: u64) -> Option<&Module> {
         self.modules()
             .iter()
@@ -412,24 +440,57 @@ impl Snapshot {
     }
 
     /// The memory map of the image.
+    ///
+    /// ```no_run
+    /// # fn main() -> coreflect::Result<()> {
+    /// let snap = coreflect::Snapshot::capture(1234, &Default::default())?;
+    /// for m in snap.mappings() {
+    ///     println!("{:#x}-{:#x} {}", m.start, m.end, m.name);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn mappings(&self) -> &[Mapping] {
         self.bound().mappings()
     }
 
     /// How long the target was stopped. In suspend mode, `total_us` grows until the
     /// snapshot ends.
+    ///
+    /// ```no_run
+    /// # fn main() -> coreflect::Result<()> {
+    /// let snap = coreflect::Snapshot::capture(1234, &Default::default())?;
+    /// let p = snap.pause();
+    /// println!("paused {} µs (stop {} µs, clone {} µs)", p.total_us, p.stop_us, p.clone_us);
+    /// # Ok(()) }
+    /// ```
     pub fn pause(&self) -> PauseBreakdown {
         self.bound().pause()
     }
 
     /// Problems that did not stop the snapshot (memory read live, a fallback to suspend
     /// mode, leftovers reaped).
+    ///
+    /// ```no_run
+    /// # fn main() -> coreflect::Result<()> {
+    /// let snap = coreflect::Snapshot::capture(1234, &Default::default())?;
+    /// for w in snap.warnings() {
+    ///     eprintln!("warning: {w}");
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn warnings(&self) -> &[String] {
         self.bound().warnings()
     }
 
     /// The region policy the kernel would apply to this process: its own
     /// `coredump_filter`. Pass it to [`Snapshot::write_core`] for a core like the kernel's.
+    ///
+    /// ```no_run
+    /// # fn main() -> coreflect::Result<()> {
+    /// let snap = coreflect::Snapshot::capture(1234, &Default::default())?;
+    /// println!("coredump_filter {:#x}", snap.default_policy().filter);
+    /// # Ok(()) }
+    /// ```
     pub fn default_policy(&self) -> KernelPolicy {
         KernelPolicy {
             filter: self.process().coredump_filter,
@@ -497,6 +558,17 @@ impl Snapshot {
     }
 
     /// True if all of `range` is mapped and frozen.
+    ///
+    /// ```no_run
+    /// # fn main() -> coreflect::Result<()> {
+    /// let snap = coreflect::Snapshot::capture(1234, &Default::default())?;
+    /// let sp = snap.threads()[0].sp();
+    /// assert!(snap.is_frozen(sp..sp + 64)); // a stack is private memory
+    /// for (r, f) in snap.freshness_of(sp..sp + 4096) {
+    ///     println!("{r:x?} {f:?}");
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn is_frozen(&self, range: Range<u64>) -> bool {
         let parts = self.freshness_of(range.clone());
         let mut at = range.start;
@@ -591,6 +663,15 @@ impl Snapshot {
     }
 
     /// Reads a NUL-terminated string at `addr` (at most `max` bytes, without the NUL).
+    ///
+    /// ```no_run
+    /// # fn main() -> coreflect::Result<()> {
+    /// let snap = coreflect::Snapshot::capture(1234, &Default::default())?;
+    /// let name = snap.read_c_string(0x5555_5555_6000, 256)?;
+    /// let bytes = snap.read_vec(0x5555_5555_6000, 16)?;
+    /// # let _ = (name, bytes);
+    /// # Ok(()) }
+    /// ```
     pub fn read_c_string(&self, addr: u64, max: usize) -> Result<Vec<u8>> {
         let mut out = Vec::new();
         let mut chunk = [0u8; 256];
