@@ -233,6 +233,29 @@ fn snapshot_moves_to_another_thread_and_reads_there() {
     assert_undisturbed(&t.quit());
 }
 
+fn suspended_snapshot_ended_on_another_thread_releases_the_target() {
+    let mut t = Target::spawn(&["--heap-mib", "1"], &[]);
+    let o = Options {
+        mode: coreflect::Mode::Suspend,
+        ..opts()
+    };
+    let snap = Snapshot::capture(t.pid, &o).unwrap();
+    assert_eq!(snap.mode(), coreflect::Mode::Suspend);
+    assert_eq!(snap.clone_pid(), None);
+    let main = status_of(t.pid, t.pid, "State:").unwrap();
+    assert!(main.starts_with('t'), "the target is not stopped: {main}");
+    let (addr, marker) = (t.get("marker_addr"), t.get("marker"));
+    let h = std::thread::spawn(move || {
+        assert_eq!(snap.read_u64(addr).unwrap(), marker);
+        assert!(snap.is_frozen(addr..addr + 8));
+        drop(snap);
+    });
+    h.join().unwrap();
+    assert_free(t.pid);
+    assert!(t.command("ping", "PONG").starts_with("PONG"));
+    assert_undisturbed(&t.quit());
+}
+
 fn vfork_thread_past_the_timeout_is_released_and_the_next_capture_succeeds() {
     let mut t = Target::spawn(&["--heap-mib", "1"], &[]);
     let vt = fields(&t.command("vfork 4000", "VFORK"))["tid"] as i32;
@@ -539,6 +562,10 @@ fn main() {
         (
             "snapshot_moves_to_another_thread_and_reads_there",
             snapshot_moves_to_another_thread_and_reads_there,
+        ),
+        (
+            "suspended_snapshot_ended_on_another_thread_releases_the_target",
+            suspended_snapshot_ended_on_another_thread_releases_the_target,
         ),
         (
             "vfork_thread_past_the_timeout_is_released_and_the_next_capture_succeeds",
