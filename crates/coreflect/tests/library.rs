@@ -256,6 +256,34 @@ fn suspended_snapshot_ended_on_another_thread_releases_the_target() {
     assert_undisturbed(&t.quit());
 }
 
+fn no_leftover_warning_for_a_target_that_died() {
+    let mut t = Target::spawn(&["--heap-mib", "1"], &[]);
+    let snap = Snapshot::capture(t.pid, &opts()).unwrap();
+    let clone = snap.clone_pid().unwrap();
+    t.child.kill().unwrap();
+    // Not reaped yet: the target is a zombie (our child), its memory map empty.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !status_of(t.pid, t.pid, "State:").is_some_and(|s| s.starts_with('Z')) {
+        assert!(Instant::now() < deadline, "the target did not die");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        snap.finish(),
+        None,
+        "a warning about a process that is gone"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{clone}/stat")).exists()
+            || std::fs::read_to_string(format!("/proc/{clone}/stat")).is_ok_and(|s| s
+                .rsplit(')')
+                .next()
+                .unwrap()
+                .trim()
+                .starts_with('Z')),
+        "the clone still runs"
+    );
+}
+
 fn vfork_thread_past_the_timeout_is_released_and_the_next_capture_succeeds() {
     let mut t = Target::spawn(&["--heap-mib", "1"], &[]);
     let vt = fields(&t.command("vfork 4000", "VFORK"))["tid"] as i32;
@@ -566,6 +594,10 @@ fn main() {
         (
             "suspended_snapshot_ended_on_another_thread_releases_the_target",
             suspended_snapshot_ended_on_another_thread_releases_the_target,
+        ),
+        (
+            "no_leftover_warning_for_a_target_that_died",
+            no_leftover_warning_for_a_target_that_died,
         ),
         (
             "vfork_thread_past_the_timeout_is_released_and_the_next_capture_succeeds",

@@ -850,8 +850,12 @@ impl Snapshot {
         };
         let _ = t.join.join();
         wait_thread_gone(t.tid);
-        // Nothing is left in a process that no longer exists.
-        w.filter(|_| crate::proc::Stat::read(pid).is_ok_and(|s| s.start_time == start))
+        // Nothing is left in a process that no longer exists (gone, replaced by another
+        // process with its pid, or a zombie itself, whose children went to a reaper).
+        w.filter(|_| {
+            crate::proc::Stat::read(pid)
+                .is_ok_and(|s| s.start_time == start && !matches!(s.state, 'Z' | 'X' | 'x'))
+        })
     }
 }
 
