@@ -166,6 +166,7 @@ pub fn hint(err: &coreflect::Error) -> Option<&'static str> {
             "use --mode suspend (or auto) to dump with the target stopped"
         }
         E::PauseTooLong { .. } => "raise --max-pause",
+        E::Cancelled => "no file was left",
         E::Output { source, .. } => match source.raw_os_error() {
             Some(libc::EEXIST) => "--overwrite replaces it, -o chooses another path",
             _ => "-o chooses another path",

@@ -11,7 +11,8 @@
 //! It then reads commands on stdin: `quit` prints `STATS key=value ...` and exits 0;
 //! `ping` prints `PONG`; `gapreset`/`gap` reset and print (`GAP us=N`) the longest stop
 //! the heartbeat thread (`--heartbeat`) saw, `gaps` every stop of 300 µs or more
-//! (`GAPS start:end,...` in CLOCK_MONOTONIC ns); `fork` times a bare `fork()` (`FORK us=N`).
+//! (`GAPS start:end,...` in CLOCK_MONOTONIC ns); `fork` times a bare `fork()` (`FORK us=N`);
+//! `vfork MS` starts a thread that waits in `vfork` for MS ms (`VFORK tid=N`).
 //! End of stdin also quits.
 
 use std::io::{BufRead, Write};
@@ -231,6 +232,44 @@ pub fn monotonic_ns() -> u64 {
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     }
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Waits in `vfork` for `ms` milliseconds: the child (sharing our memory, on a stack of its
+/// own, exit signal 0 so no SIGCHLD and invisible to `waitpid` without `__WALL`) sleeps,
+/// then exits. Meanwhile this thread cannot be stopped (it waits uninterruptibly).
+#[inline(never)]
+pub fn vfork_waiter(ms: u64) {
+    extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
+        let ms = arg as usize as i64;
+        let ts = libc::timespec {
+            tv_sec: ms / 1000,
+            tv_nsec: (ms % 1000) * 1_000_000,
+        };
+        // A raw syscall: nothing that touches the parent's thread state.
+        unsafe {
+            libc::syscall(
+                libc::SYS_nanosleep,
+                &ts as *const libc::timespec,
+                std::ptr::null_mut::<libc::timespec>(),
+            )
+        };
+        0
+    }
+    let mut stack = vec![0u8; 64 << 10];
+    let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
+    let pid = unsafe {
+        libc::clone(
+            child,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK,
+            ms as usize as *mut libc::c_void,
+        )
+    };
+    if pid > 0 {
+        let mut st = 0;
+        unsafe { libc::waitpid(pid, &mut st, libc::__WALL) };
+    }
+    drop(stack);
 }
 
 /// Forks; the child exits at once. Returns how long `fork()` took in the parent (µs).
@@ -745,6 +784,19 @@ pub fn run(o: TargetOptions) -> ! {
                         harm::hugetlb_check(p, len, huge_gen)
                     });
                     println!("HUGE ok={}", ok as u8);
+                    std::io::stdout().flush().ok();
+                }
+                Ok(l) if l.starts_with("vfork ") => {
+                    let ms: u64 = l[6..].trim().parse().unwrap_or(1000);
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    spawn(
+                        "vfork",
+                        Box::new(move || {
+                            let _ = tx.send(unsafe { libc::gettid() });
+                            vfork_waiter(ms)
+                        }),
+                    );
+                    println!("VFORK tid={}", rx.recv().unwrap_or(0));
                     std::io::stdout().flush().ok();
                 }
                 Ok("gap") => {

@@ -7,7 +7,8 @@ use crate::elf::writer::{StreamSink, WriteStats};
 use crate::error::{Error, Pid, Result};
 use crate::level::Level;
 use crate::output::OutputFile;
-use crate::snapshot::{Mode, Options, PauseBreakdown, Phase, Snapshot};
+use crate::snapshot::{Mode, Options, PauseBreakdown, Phase};
+use crate::Snapshot;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -71,6 +72,20 @@ pub struct DumpReport {
 /// The output is created (unnamed) before the target is touched, so a bad path costs the
 /// target nothing; it gets its name only once complete. On any error the target is
 /// released, the clone killed and reaped, and nothing is left at the path.
+///
+/// ```no_run
+/// use coreflect::{DumpOptions, Options};
+/// # fn main() -> coreflect::Result<()> {
+/// let opts = DumpOptions {
+///     snapshot: Options::default(),
+///     output: "/var/tmp/app.core".into(),
+///     overwrite: false,
+///     filter: None, // the target's own coredump_filter
+/// };
+/// let report = coreflect::dump(1234, &opts, &mut |_done, _total| true)?;
+/// println!("paused {} µs, wrote {} bytes", report.pause.total_us, report.bytes_written);
+/// # Ok(()) }
+/// ```
 pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result<DumpReport> {
     let t0 = Instant::now();
     let out = if opts.stdout {
@@ -146,7 +161,7 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
                     path: out_path.clone(),
                     source,
                     hint: format!(
-                        "; the filesystem is full ({what}): free space or choose another -o"
+                        "; the filesystem is full ({what}): free space or choose another path"
                     ),
                 }
             }

@@ -15,6 +15,18 @@ use std::path::PathBuf;
 pub type Pid = i32;
 
 /// The error type of every fallible coreflect operation.
+///
+/// ```no_run
+/// use coreflect::{Error, Snapshot};
+/// # fn main() {
+/// let snap = Snapshot::capture(1234, &Default::default()).unwrap();
+/// match snap.read_u64(0x10) {
+///     Ok(v) => println!("{v:#x}"),
+///     Err(Error::Memory { addr, live, .. }) => eprintln!("{addr:#x} unreadable (live: {live})"),
+///     Err(e) => eprintln!("{e}"),
+/// }
+/// # }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -89,7 +101,7 @@ pub enum Error {
         pid: Pid,
     },
     /// A thread did not stop within the time allowed.
-    #[error("thread {tid} of pid {pid} did not stop within {millis} ms (state {state}); it may be in uninterruptible sleep (D state): try again later, or allow it longer to stop")]
+    #[error("thread {tid} of pid {pid} did not stop within {millis} ms (state {state}); it may be in uninterruptible sleep (D state) or in vfork: try again later, or allow a longer stop timeout")]
     StopTimeout {
         /// The target.
         pid: Pid,
@@ -143,9 +155,7 @@ pub enum Error {
         hint: String,
     },
     /// Reflection (the copy-on-write clone) cannot be used for this target.
-    /// (Suspend mode, `Mode::Suspend`, can dump it: the target stays stopped for the whole
-    /// write; `Mode::Auto` falls back to it.)
-    #[error("cannot reflect pid {pid}: {reason}")]
+    #[error("cannot reflect pid {pid}: {reason}; a suspended snapshot (the target stopped while it is read) still works")]
     ReflectUnavailable {
         /// The target.
         pid: Pid,
@@ -153,7 +163,7 @@ pub enum Error {
         reason: String,
     },
     /// The estimated pause exceeds the caller's limit.
-    #[error("estimated pause {estimate_ms:.1} ms for pid {pid} exceeds the limit {limit_ms:.1} ms; nothing was stopped (raise the limit, or dump at a quieter time)")]
+    #[error("estimated pause {estimate_ms:.1} ms for pid {pid} exceeds the limit {limit_ms:.1} ms; nothing was stopped (allow a longer pause, or try at a quieter time)")]
     PauseTooLong {
         /// The target.
         pid: Pid,
@@ -183,8 +193,24 @@ pub enum Error {
         pid: Pid,
     },
     /// The operation was cancelled (Ctrl-C, SIGTERM, or the caller's flag).
-    #[error("cancelled: the target was released and no file was left")]
+    #[error("cancelled: the target was released")]
     Cancelled,
+    /// Reading the snapshot's memory failed: the range is not (or not wholly) mapped or
+    /// readable in the snapshot.
+    #[error("cannot read {len} bytes at {addr:#x} of pid {pid}'s snapshot ({}): {source}", if *.live { "read live from the target" } else { "frozen image" })]
+    Memory {
+        /// The target.
+        pid: Pid,
+        /// The first address asked for.
+        addr: u64,
+        /// How many bytes were asked for.
+        len: usize,
+        /// True if the range is read live from the target rather than from the frozen image.
+        live: bool,
+        /// The OS error (`UnexpectedEof` for a short read).
+        #[source]
+        source: io::Error,
+    },
     /// Any other I/O error, with context.
     #[error("{what}")]
     Io {
@@ -230,7 +256,8 @@ impl Error {
             Error::Ptrace { source, .. }
             | Error::Proc { source, .. }
             | Error::Output { source, .. }
-            | Error::Io { source, .. } => source.raw_os_error(),
+            | Error::Io { source, .. }
+            | Error::Memory { source, .. } => source.raw_os_error(),
             _ => None,
         }
     }

@@ -5,7 +5,7 @@
 //! - [`Level::Full`]: every readable mapping, file-backed ones included, like `gcore -a`
 //!   ([`FullPolicy`]); never-populated anonymous pages are still holes.
 //! - [`Level::Mini`]: enough for a debugger to show every thread's backtrace and load every
-//!   shared library with its build-id ([`mini_plan`]): each thread's stack from its stack
+//!   shared library with its build-id (`mini_plan`): each thread's stack from its stack
 //!   pointer (minus the red zone) to the end of its stack mapping, the ELF header page of
 //!   every mapped object, the executable's and the dynamic loader's writable mappings, the
 //!   pages holding `r_debug` and every `link_map` entry and name, and the vDSO.
@@ -83,7 +83,11 @@ const MAX_LINK_MAPS: usize = 4096;
 
 /// The segments of a core of `snap` at `level`; `filter` overrides the target's
 /// `coredump_filter` (and the level) when given.
-pub fn plan(snap: &Snapshot, level: Level, filter: Option<u32>) -> Vec<SegmentPlan> {
+pub fn plan(snap: &crate::Snapshot, level: Level, filter: Option<u32>) -> Vec<SegmentPlan> {
+    plan_for(snap.bound(), level, filter)
+}
+
+pub(crate) fn plan_for(snap: &Snapshot, level: Level, filter: Option<u32>) -> Vec<SegmentPlan> {
     match (filter, level) {
         (Some(f), _) => snap.plan(&KernelPolicy { filter: f }),
         (None, Level::Default) => snap.plan(&KernelPolicy {
@@ -95,7 +99,7 @@ pub fn plan(snap: &Snapshot, level: Level, filter: Option<u32>) -> Vec<SegmentPl
 }
 
 /// The mini level's segments (see the module documentation).
-pub fn mini_plan(snap: &Snapshot) -> Vec<SegmentPlan> {
+pub(crate) fn mini_plan(snap: &Snapshot) -> Vec<SegmentPlan> {
     let page = crate::page_size();
     let maps = snap.mappings();
     let base = snap.plan(&MiniBase);

@@ -1,50 +1,95 @@
 //! # coreflect
 //!
-//! Full ELF core dumps of *live* Linux processes with a pause of milliseconds.
+//! Snapshots of *live* Linux processes with a pause of milliseconds, and full ELF core
+//! dumps from them — the Linux counterpart of ClrMD's `DataTarget.CreateSnapshotAndAttach`
+//! and Windows' `PssCaptureSnapshot` / `procdump -r`.
 //!
-//! [`Snapshot::capture`] stops every thread of the target with `PTRACE_SEIZE` +
-//! `PTRACE_INTERRUPT`, captures their registers, makes one thread run an injected
-//! `clone()` so that a copy-on-write image of the address space exists, and lets the target
-//! go. The core is then written from that frozen clone while the target runs — the Linux
-//! analogue of Windows' `PssCaptureSnapshot` / `procdump -r`. [`dump::dump`] does the whole
-//! job (snapshot, core file, report) and is what the `coreflect` command runs.
+//! ## Where to start: [`Snapshot`]
 //!
-//! Layout:
-//! - [`proc`]: reading `/proc/PID/*` (maps, status, memory, pagemap);
-//! - [`ptrace`], [`stop`], [`inject`]: stopping threads and injecting syscalls;
-//! - [`snapshot`]: reflection, and the snapshot API;
-//! - [`select`]: which memory goes into a core (a policy apart from the writer);
-//! - [`level`]: dump levels (mini, default, full);
-//! - [`elf`]: the notes, the streaming core writer and a core reader;
-//! - [`output`]: creating the core file safely;
-//! - [`arch::x86_64`]: registers and syscall conventions.
+//! [`Snapshot::capture`] stops every thread of the target (`PTRACE_SEIZE` +
+//! `PTRACE_INTERRUPT`), captures their registers, makes one thread run an injected `clone()`
+//! so that a copy-on-write image of the address space exists, and lets the target go. The
+//! snapshot is then inspected at leisure while the process runs on:
 //!
-//! The library never prints: problems that do not stop a dump are returned as warnings.
+//! ```no_run
+//! use coreflect::{Freshness, Options, Snapshot};
+//!
+//! # fn main() -> coreflect::Result<()> {
+//! let snap = Snapshot::capture(1234, &Options::default())?;
+//! println!("paused {:.2} ms", snap.pause().total_us as f64 / 1e3);
+//! for t in snap.threads() {
+//!     println!("{} {:>16} pc={:#x} sp={:#x}", t.tid(), t.name(), t.pc(), t.sp());
+//! }
+//! println!("argv {:?}", snap.argv());
+//! for m in snap.modules() {
+//!     println!("{:#014x} {} {}", m.load_bias, m.build_id_hex().unwrap_or_default(), m.path);
+//! }
+//! let sp = snap.threads()[0].sp();
+//! let top_of_stack = snap.read_u64(sp)?;                  // typed, exact reads
+//! assert_eq!(snap.freshness(sp), Some(Freshness::Frozen)); // frozen, or read live?
+//! // A core gdb, lldb and elfutils open, with what the kernel would put in it:
+//! let file = std::fs::File::create("/tmp/app.core").map_err(|e| coreflect::Error::io("create", e))?;
+//! snap.write_core_file(&file, &snap.default_policy(), &mut |_, _| true)?;
+//! // Send + Sync: move it to another thread or task; dropping it ends it there.
+//! std::thread::spawn(move || drop(snap)).join().unwrap();
+//! # let _ = top_of_stack;
+//! # Ok(()) }
+//! ```
+//!
+//! [`dump()`] does the whole job of the `coreflect` command (snapshot, core file created
+//! safely, report). Every error is a [`Error`]; the library never prints: problems that do
+//! not stop a snapshot come back as [`Snapshot::warnings`].
+//!
+//! ## Modules
+//!
+//! - [`inspect`]: what a snapshot tells — [`Thread`], [`Registers`], [`AuxvEntry`],
+//!   [`Module`], [`Freshness`];
+//! - [`snapshot`]: [`Options`], [`Mode`], [`Phase`] and how reflection works;
+//! - [`dump`](mod@dump): the whole dump into a file;
+//! - [`select`]: which memory goes into a core (`coredump_filter` rules, or your own policy);
+//! - low-level building blocks, stable only as far as the items above need them:
+//!   [`elf`] (notes, the streaming core writer over any [`elf::writer::Sink`], a core
+//!   reader), [`proc`] (reading `/proc/PID/*`), [`output`] (creating the core file safely).
+//!   The ptrace, stopping, injection, locking and architecture modules are internal and
+//!   hidden from these docs.
+//!
+//! Linux on x86_64 only; tracing needs root, `CAP_SYS_PTRACE`, or the target's user with
+//! `kernel.yama.ptrace_scope` = 0.
 #![warn(missing_docs)]
 
 #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
 compile_error!("coreflect supports Linux on x86_64 only");
 
+#[doc(hidden)]
 pub mod arch;
+#[doc(hidden)]
 pub mod direct;
 pub mod dump;
 pub mod elf;
 pub mod error;
+#[doc(hidden)]
 pub mod inject;
+pub mod inspect;
 pub mod level;
+#[doc(hidden)]
 pub mod lock;
 pub mod output;
 pub mod proc;
+#[doc(hidden)]
 pub mod ptrace;
 mod reap;
 pub mod select;
 pub mod snapshot;
+#[doc(hidden)]
 pub mod stop;
 
 pub use dump::{dump, DumpOptions, DumpReport};
 pub use error::{Error, Pid, Result};
+pub use inspect::{AuxvEntry, Freshness, LiveReason, Module, Registers, Thread};
 pub use level::Level;
-pub use snapshot::{Mode, Options, PauseBreakdown, Phase, Snapshot};
+pub use proc::Mapping;
+pub use snapshot::handle::{MemoryView, Snapshot};
+pub use snapshot::{Mode, Options, PauseBreakdown, Phase};
 
 /// The system's page size in bytes.
 pub fn page_size() -> u64 {

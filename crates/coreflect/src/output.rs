@@ -34,7 +34,7 @@ fn out_err(what: &'static str, path: &Path, e: io::Error) -> Error {
         Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
             "; the filesystem is full: free space or choose another path"
         }
-        Some(libc::EEXIST) => "; allow overwriting it, or choose another path",
+        Some(libc::EEXIST) => "; it exists: allow overwriting it, or choose another path",
         _ => "",
     };
     Error::Output {

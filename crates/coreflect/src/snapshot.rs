@@ -1,7 +1,7 @@
 //! Reflection: a frozen, copy-on-write image of a live process, taken with a pause of
 //! milliseconds — the Linux analogue of Windows' `PssCaptureSnapshot`.
 //!
-//! [`Snapshot::capture`] stops every thread, captures their registers, makes one thread run
+//! [`crate::Snapshot::capture`] stops every thread, captures their registers, makes one thread run
 //! an injected `clone(CLONE_FILES, exit signal 0)`, restores and releases the target, and
 //! keeps the clone stopped (it never runs the target's code). Memory is then read from the
 //! clone while the target runs; thread state comes from the target. Dropping the snapshot
@@ -24,6 +24,8 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+pub(crate) mod handle;
 
 /// How to take the snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -76,7 +78,17 @@ impl Phase {
 /// A callback at each [`Phase`].
 pub type PhaseHook = Arc<dyn Fn(Phase) + Send + Sync>;
 
-/// Options of [`Snapshot::capture`].
+/// Options of [`crate::Snapshot::capture`].
+///
+/// ```
+/// use std::time::Duration;
+/// let opts = coreflect::Options {
+///     mode: coreflect::Mode::Reflect,            // fail rather than keep the target stopped
+///     max_pause: Some(Duration::from_millis(50)), // refuse, before stopping, if longer
+///     ..Default::default()
+/// };
+/// assert_eq!(opts.stop_timeout, Duration::from_secs(2));
+/// ```
 #[derive(Clone)]
 pub struct Options {
     /// Reflect, suspend, or choose.
@@ -236,8 +248,9 @@ impl Drop for CloneGuard {
 ///
 /// The snapshot must be dropped on the thread that captured it when it holds a stopped
 /// target (suspend mode): ptrace binds tracees to the thread that attached them.
+/// (Internal: the thread-bound state, owned by the tracer thread of [`crate::Snapshot`].)
 #[derive(Debug)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     pid: Pid,
     mode: Mode,
     process: ProcessInfo,
@@ -457,6 +470,7 @@ fn us(d: Duration) -> u64 {
     d.as_micros() as u64
 }
 
+#[allow(dead_code)] // the handle uses most, not all, of these
 impl Snapshot {
     /// Takes a snapshot of process `pid`.
     ///
@@ -799,7 +813,7 @@ impl Snapshot {
     }
 
     /// [`Snapshot::write_core`] with given notes and segments (e.g. a
-    /// [`crate::level::mini_plan`], or extra notes appended to [`Snapshot::notes`]).
+    /// `crate::level::mini_plan`, or extra notes appended to [`Snapshot::notes`]).
     pub fn write_core_with(
         &self,
         sink: &mut dyn Sink,

@@ -153,7 +153,7 @@ fn the_reader_finds_what_the_writer_wrote() {
     snap.write_core_file(&file, &policy, &mut |_, _| true)
         .unwrap();
     let plan = snap.plan(&policy);
-    let tids: Vec<i32> = snap.threads().iter().map(|t| t.tid).collect();
+    let tids: Vec<i32> = snap.threads().iter().map(|t| t.tid()).collect();
     drop(snap);
 
     let core = CoreFile::open(&path).unwrap();
