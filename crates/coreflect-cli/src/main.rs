@@ -6,6 +6,7 @@
 mod demo;
 mod report;
 mod warden;
+mod watch;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use coreflect::{DumpOptions, Mode, Options, Phase};
@@ -32,6 +33,9 @@ struct Cli {
 enum Cmd {
     /// Dump a running process to an ELF core file.
     Dump(DumpArgs),
+    /// Watch a process and dump it when a trigger fires (CPU, memory, threads, fds, a
+    /// signal, a timer), like procdump.
+    Watch(watch::args::WatchArgs),
     /// Start a sample multi-threaded process, dump it, and show how to open the core.
     Demo(demo::DemoArgs),
     /// Run the built-in test target (used by the demo, the tests and the benchmarks).
@@ -43,7 +47,7 @@ enum Cmd {
     },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum ModeArg {
     /// Reflect when possible, else suspend with a warning.
     Auto,
@@ -210,6 +214,7 @@ fn main() {
     let cli = Cli::parse();
     let code = match &cli.cmd {
         Cmd::Dump(a) => run_dump(a),
+        Cmd::Watch(a) => watch::run(a),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Target { args } => match coreflect_target::TargetOptions::parse(args) {
             Ok(o) => coreflect_target::run(o),

@@ -14,6 +14,8 @@
 //! (`GAPS start:end,...` in CLOCK_MONOTONIC ns); `fork` times a bare `fork()` (`FORK us=N`).
 //! End of stdin also quits.
 
+pub mod drive;
+
 use std::io::{BufRead, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
@@ -635,7 +637,9 @@ pub fn run(o: TargetOptions) -> ! {
                 println!("FORK us={us}");
                 std::io::stdout().flush().ok();
             }
-            _ => {}
+            Ok(other) => {
+                drive::command(other);
+            }
         }
     }
     // Quit: wake every thread the way it expects.

@@ -13,6 +13,7 @@
 //! - [`proc`]: reading `/proc/PID/*` (maps, status, memory, pagemap);
 //! - [`ptrace`], [`stop`], [`inject`]: stopping threads and injecting syscalls;
 //! - [`snapshot`]: reflection, and the snapshot API;
+//! - [`trace`]: staying a process's tracer to intercept its signals (`coreflect watch`);
 //! - [`select`]: which memory goes into a core (a policy apart from the writer);
 //! - [`elf`]: the notes, the streaming core writer and a core reader;
 //! - [`output`]: creating the core file safely;
@@ -37,6 +38,7 @@ pub mod ptrace;
 pub mod select;
 pub mod snapshot;
 pub mod stop;
+pub mod trace;
 
 pub use dump::{dump, DumpOptions, DumpReport};
 pub use error::{Error, Pid, Result};
