@@ -351,29 +351,6 @@ impl<'a> Watcher<'a> {
                 match err {
                     Some(e) => End::Failed(e),
                     None => {
-                        let who: Vec<String> = self
-                            .watched
-                            .iter()
-                            .map(|w| format!("{} ({})", w.pid, w.comm))
-                            .collect();
-                        let pids: Vec<String> =
-                            self.watched.iter().map(|w| w.pid.to_string()).collect();
-                        let msg = format!(
-                            "watching {}: {}; {} dump(s) to {}",
-                            who.join(", "),
-                            self.describe(),
-                            self.a.count,
-                            self.dir.display()
-                        );
-                        self.out.event(
-                            &msg,
-                            format!(
-                                "{{\"event\":\"watch\",\"pids\":[{}],\"triggers\":{},\"count\":{}}}",
-                                pids.join(","),
-                                json_str(&self.describe()),
-                                self.a.count
-                            ),
-                        );
                         if self.a.signal.is_empty() {
                             self.poll_loop()
                         } else {
@@ -385,6 +362,32 @@ impl<'a> Watcher<'a> {
             Err(e) => e,
         };
         self.finish(end)
+    }
+
+    /// The "watching" event, once the watch is in place (with --signal: traced).
+    fn announce(&mut self) {
+        let who: Vec<String> = self
+            .watched
+            .iter()
+            .map(|w| format!("{} ({})", w.pid, w.comm))
+            .collect();
+        let pids: Vec<String> = self.watched.iter().map(|w| w.pid.to_string()).collect();
+        let msg = format!(
+            "watching {}: {}; {} dump(s) to {}",
+            who.join(", "),
+            self.describe(),
+            self.a.count,
+            self.dir.display()
+        );
+        self.out.event(
+            &msg,
+            format!(
+                "{{\"event\":\"watch\",\"pids\":[{}],\"triggers\":{},\"count\":{}}}",
+                pids.join(","),
+                json_str(&self.describe()),
+                self.a.count
+            ),
+        );
     }
 
     fn finish(&mut self, end: End) -> i32 {
@@ -583,6 +586,7 @@ impl<'a> Watcher<'a> {
             ModeArg::Reflect => Mode::Reflect,
             ModeArg::Suspend => Mode::Suspend,
         };
+        self.announce();
         loop {
             if self.cancelled() {
                 return End::Cancelled;
@@ -657,6 +661,7 @@ impl<'a> Watcher<'a> {
             Ok(t) => t,
             Err(e) => return End::Failed(e.to_string()),
         };
+        self.announce();
         let mut next_poll = Instant::now();
         let end = loop {
             if self.cancelled() {
