@@ -691,3 +691,155 @@ fn collisions_get_a_suffix_never_an_overwrite() {
     assert_ne!(paths[0], paths[1]);
     assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
 }
+
+#[test]
+fn pgid_watches_every_process_of_the_group() {
+    let dir = tmpdir("watch-pgid");
+    // Two targets in a process group of their own (the first leads it).
+    let start = |pgid: i32| {
+        let mut cmd = Command::new(exe());
+        cmd.arg("__target")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .process_group(pgid);
+        let mut child = cmd.spawn().unwrap();
+        let out = lines_of(child.stdout.take().unwrap());
+        assert!(out.recv_timeout(LONG).unwrap().starts_with("READY"));
+        (child, out)
+    };
+    let (mut a, _ao) = start(0);
+    let pgid = a.id() as i32;
+    let (mut b, _bo) = start(pgid);
+    let mut w = Watch::start(
+        &[
+            &pgid.to_string(),
+            "--pgid",
+            "--clones",
+            "2",
+            "-n",
+            "2",
+            "-s",
+            "600",
+            "--poll",
+            "100ms",
+            "-o",
+            dir.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let mut pids = Vec::new();
+    for _ in 0..2 {
+        let d = w.expect("\"event\":\"dump\"");
+        pids.push(field(&d, "pid").parse::<i32>().unwrap());
+    }
+    assert_eq!(w.wait(), 0);
+    pids.sort();
+    let mut want = vec![a.id() as i32, b.id() as i32];
+    want.sort();
+    assert_eq!(pids, want, "one timer dump per member");
+    for c in cores_in(&dir) {
+        assert_opens(&c);
+    }
+    let _ = a.kill();
+    let _ = b.kill();
+    let _ = a.wait();
+    let _ = b.wait();
+}
+
+/// A cgroup of this test's own in hierarchy `ctrl` (v1) with `file` set to `value`,
+/// holding `pid`; removed on drop.
+struct Cg(PathBuf);
+impl Cg {
+    fn v1(ctrl: &str, name: &str, file: &str, value: &str, pid: i32) -> Option<Cg> {
+        let root = Path::new("/sys/fs/cgroup").join(ctrl);
+        if !root.join("cgroup.procs").exists() {
+            return None;
+        }
+        let d = root.join(name);
+        std::fs::create_dir_all(&d).ok()?;
+        let cg = Cg(d.clone());
+        std::fs::write(d.join(file), value).ok()?;
+        std::fs::write(d.join("cgroup.procs"), pid.to_string()).ok()?;
+        Some(cg)
+    }
+}
+impl Drop for Cg {
+    fn drop(&mut self) {
+        if let Ok(p) = std::fs::read_to_string(self.0.join("cgroup.procs")) {
+            let parent = self.0.parent().unwrap().join("cgroup.procs");
+            for pid in p.split_whitespace() {
+                let _ = std::fs::write(&parent, pid);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn cgroup_makes_cpu_and_memory_relative_to_the_limits() {
+    if !common::is_root() || Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        // (cgroup v2 hosts: the same code path reads cpu.max/memory.max; this test sets
+        // up v1 limits.)
+        eprintln!("skipped: needs root and a cgroup v1 cpu+memory hierarchy");
+        return;
+    }
+    let dir = tmpdir("watch-cgroup");
+    let mut t = Driven::start(&exe(), &dir, 0);
+    let name = format!("coreflect-watch-test-{}", std::process::id());
+    let Some(_cpu) = Cg::v1("cpu", &name, "cpu.cfs_quota_us", "40000", t.pid) else {
+        eprintln!("skipped: cannot make a cpu cgroup");
+        return;
+    };
+    let Some(_mem) = Cg::v1(
+        "memory",
+        &name,
+        "memory.limit_in_bytes",
+        "1073741824",
+        t.pid,
+    ) else {
+        eprintln!("skipped: cannot make a memory cgroup");
+        return;
+    };
+    let pid = t.pid.to_string();
+    let d = dir.to_str().unwrap();
+    // Burning, the target gets at most 40 % of a core: above 80 % of its limit, never 80 %
+    // of a core.
+    t.cmd("burn", Some("BURN"));
+    let mut w = Watch::start(
+        &[
+            &pid, "--cpu", "80", "--cgroup", "-s", "1", "--poll", "200ms", "-o", d,
+        ],
+        &[],
+    );
+    let ev = w.expect("\"event\":\"dump\"");
+    assert_eq!(field(&ev, "trigger"), "cpu");
+    assert_eq!(w.wait(), 0);
+    let mut plain = Watch::start(
+        &[
+            &pid, "--cpu", "80", "-s", "1", "--poll", "200ms", "-o", d, "-n", "1",
+        ],
+        &[],
+    );
+    plain.expect("\"event\":\"watch\"");
+    std::thread::sleep(Duration::from_secs(3));
+    plain.signal(libc::SIGTERM);
+    assert_eq!(plain.wait(), 130);
+    assert!(
+        !plain.seen.iter().any(|l| l.contains("\"event\":\"dump\"")),
+        "40 % of a core is not 80 %: {:?}",
+        plain.seen
+    );
+    t.cmd("calm", Some("CALM"));
+    // 10 % of 1 GiB: reached after growing by 150 MiB.
+    let mut w = Watch::start(
+        &[
+            &pid, "--mem", "10%", "--cgroup", "-s", "0", "--poll", "100ms", "-o", d,
+        ],
+        &[],
+    );
+    w.expect("\"event\":\"watch\"");
+    t.cmd("grow 150", Some("GROW"));
+    let ev = w.expect("\"event\":\"dump\"");
+    assert_eq!(field(&ev, "trigger"), "mem");
+    assert_eq!(w.wait(), 0);
+}

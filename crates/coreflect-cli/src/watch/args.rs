@@ -199,7 +199,8 @@ pub struct WatchArgs {
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u8).range(1..=5))]
     pub clones: u8,
-    /// CPU and memory relative to the target's cgroup v2 limits (cpu.max, memory.max).
+    /// CPU relative to the target's cgroup CPU limit (cpu.max; v1: cpu.cfs_quota_us), and
+    /// memory percentages of its memory limit (memory.max; v1: memory.limit_in_bytes).
     #[arg(long)]
     pub cgroup: bool,
     /// No status line.

@@ -291,13 +291,13 @@ impl<'a> Watcher<'a> {
                 .any(|s| matches!(s, Some(Size::Percent(_))));
             if needs_cpu && lim.cpus.is_none() {
                 return Err(format!(
-                    "--cgroup: pid {pid}'s cgroup {} has no cpu.max limit (nor its parents)",
+                    "--cgroup: pid {pid}'s cgroup {} has no CPU limit (cpu.max, or cpu.cfs_quota_us on cgroup v1), nor have its parents",
                     dir.display()
                 ));
             }
             if needs_mem && lim.memory.is_none() {
                 return Err(format!(
-                    "--cgroup: pid {pid}'s cgroup {} has no memory.max limit (nor its parents)",
+                    "--cgroup: pid {pid}'s cgroup {} has no memory limit (memory.max, or memory.limit_in_bytes on cgroup v1), nor have its parents",
                     dir.display()
                 ));
             }

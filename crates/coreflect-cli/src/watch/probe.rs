@@ -30,47 +30,109 @@ pub struct Limits {
     pub memory: Option<u64>,
 }
 
-/// Reads the cgroup v2 limits of `pid`. Errors say what is missing.
+/// Reads the cgroup limits of `pid`: cgroup v2 (`cpu.max`, `memory.max`), or on a
+/// cgroup v1 host the `cpu` (`cpu.cfs_quota_us` / `cpu.cfs_period_us`) and `memory`
+/// (`memory.limit_in_bytes`) hierarchies. Returns the cgroup directory it started from.
 pub fn cgroup_limits(pid: Pid) -> Result<(PathBuf, Limits), String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
         .map_err(|e| format!("reading /proc/{pid}/cgroup: {e}"))?;
-    let rel = text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .ok_or_else(|| {
-            format!("pid {pid} is not in a cgroup v2 hierarchy (no 0:: line in /proc/{pid}/cgroup); drop --cgroup")
-        })?;
     let root = Path::new("/sys/fs/cgroup");
-    let dir = root.join(rel.trim_start_matches('/'));
     let mut lim = Limits::default();
-    let mut d = dir.as_path();
-    loop {
-        if lim.cpus.is_none() {
-            if let Ok(s) = std::fs::read_to_string(d.join("cpu.max")) {
-                let mut w = s.split_whitespace();
-                if let (Some(q), Some(p)) = (w.next(), w.next()) {
-                    if let (Ok(q), Ok(p)) = (q.parse::<f64>(), p.parse::<f64>()) {
-                        if p > 0.0 {
-                            lim.cpus = Some(q / p);
+    if root.join("cgroup.controllers").exists() {
+        let rel = text
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .ok_or_else(|| format!("no cgroup v2 entry in /proc/{pid}/cgroup"))?;
+        let dir = root.join(rel.trim_start_matches('/'));
+        walk_up(&dir, root, |d| {
+            if lim.cpus.is_none() {
+                lim.cpus = read_cpu_max(&d.join("cpu.max"));
+            }
+            if lim.memory.is_none() {
+                lim.memory = read_limit(&d.join("memory.max"));
+            }
+        });
+        return Ok((dir, lim));
+    }
+    // cgroup v1: one hierarchy per controller.
+    let path_of = |ctrl: &str| {
+        text.lines().find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, c, p) = (f.next()?, f.next()?, f.next()?);
+            c.split(',')
+                .any(|x| x == ctrl)
+                .then(|| (c.to_string(), p.to_string()))
+        })
+    };
+    let mut first = None;
+    if let Some((c, p)) = path_of("cpu") {
+        let mount = [root.join("cpu"), root.join(&c)]
+            .into_iter()
+            .find(|m| m.exists());
+        if let Some(m) = mount {
+            let dir = m.join(p.trim_start_matches('/'));
+            walk_up(&dir, &m, |d| {
+                if lim.cpus.is_none() {
+                    let q = read_limit(&d.join("cpu.cfs_quota_us"));
+                    let per = read_limit(&d.join("cpu.cfs_period_us"));
+                    if let (Some(q), Some(per)) = (q, per) {
+                        if per > 0 {
+                            lim.cpus = Some(q as f64 / per as f64);
                         }
                     }
                 }
-            }
+            });
+            first.get_or_insert(dir);
         }
-        if lim.memory.is_none() {
-            if let Ok(s) = std::fs::read_to_string(d.join("memory.max")) {
-                lim.memory = s.trim().parse().ok();
+    }
+    if let Some((_, p)) = path_of("memory") {
+        let m = root.join("memory");
+        let dir = m.join(p.trim_start_matches('/'));
+        walk_up(&dir, &m, |d| {
+            if lim.memory.is_none() {
+                lim.memory = read_limit(&d.join("memory.limit_in_bytes"));
             }
-        }
-        if d == root {
+        });
+        first.get_or_insert(dir);
+    }
+    match first {
+        Some(d) => Ok((d, lim)),
+        None => Err(format!(
+            "pid {pid} is in no cgroup v2 hierarchy and no cgroup v1 cpu or memory hierarchy is mounted under /sys/fs/cgroup; drop --cgroup"
+        )),
+    }
+}
+
+/// Calls `f` on `dir` and each parent up to `top`.
+fn walk_up(dir: &Path, top: &Path, mut f: impl FnMut(&Path)) {
+    let mut d = dir;
+    loop {
+        f(d);
+        if d == top {
             break;
         }
         match d.parent() {
-            Some(p) if p.starts_with(root) => d = p,
+            Some(p) if p.starts_with(top) => d = p,
             _ => break,
         }
     }
-    Ok((dir, lim))
+}
+
+/// `cpu.max` ("max 100000" or "50000 100000") as CPUs.
+fn read_cpu_max(p: &Path) -> Option<f64> {
+    let s = std::fs::read_to_string(p).ok()?;
+    let mut w = s.split_whitespace();
+    let (q, per) = (
+        w.next()?.parse::<f64>().ok()?,
+        w.next()?.parse::<f64>().ok()?,
+    );
+    (per > 0.0).then_some(q / per)
+}
+
+/// A numeric limit; "max", -1 and v1's "unlimited" (near 2^63) are none.
+fn read_limit(p: &Path) -> Option<u64> {
+    let v: i64 = std::fs::read_to_string(p).ok()?.trim().parse().ok()?;
+    (v > 0 && v < (1i64 << 60)).then_some(v as u64)
 }
 
 /// Samples one process.
