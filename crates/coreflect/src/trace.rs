@@ -330,7 +330,15 @@ impl Tracer {
             .map(|(t, _)| *t)
             .collect();
         for tid in running {
-            let _ = ptrace::interrupt(tid);
+            if let Err(e) = ptrace::interrupt(tid) {
+                // Gone without a report we can collect (e.g. replaced by an exec in
+                // another thread): forget it rather than wait for it.
+                if e.raw_os_error() == Some(libc::ESRCH)
+                    && !std::path::Path::new(&format!("/proc/{}/task/{tid}", self.pid)).exists()
+                {
+                    self.threads.remove(&tid);
+                }
+            }
         }
         loop {
             while let Some((tid, st)) = self.wait_any()? {
