@@ -179,10 +179,12 @@ pub struct WatchArgs {
     /// One JSON object per event (dump, skip, error, exit) on stdout.
     #[arg(long)]
     pub json: bool,
-    /// How to take each snapshot (--signal dumps are always taken in suspend mode).
+    /// How to take each snapshot (with --signal every dump is taken in suspend mode, by
+    /// the tracer).
     #[arg(long, value_enum, default_value = "auto")]
     pub mode: ModeArg,
-    /// Skip a dump (with a logged line) whose estimated pause is longer (e.g. 50ms).
+    /// Skip a dump (with a logged line) whose estimated pause is longer (e.g. 50ms). Not
+    /// for --signal dumps, which hold the target stopped by design.
     #[arg(long, value_parser = parse_duration)]
     pub max_pause: Option<Duration>,
     /// How often to sample the process (e.g. 500ms, 2s).
@@ -195,7 +197,8 @@ pub struct WatchArgs {
     #[arg(long)]
     pub pgid: bool,
     /// How many reflected dumps may be writing at once (1–5); a trigger that fires with
-    /// that many writing is skipped, with a logged line.
+    /// that many writing is skipped, with a logged line. (Suspend-mode dumps of one target
+    /// queue on its lock.)
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u8).range(1..=5))]
     pub clones: u8,
