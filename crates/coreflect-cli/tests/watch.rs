@@ -467,6 +467,21 @@ fn cancel_detaches_every_thread() {
     assert_ne!(common::status_field(t.pid, "TracerPid"), "0");
     // Threads started while traced are followed, and released too.
     t.cmd("threads 4", Some("THREADS"));
+    let tracers: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", t.pid))
+        .unwrap()
+        .filter_map(|e| {
+            let tid = e.unwrap().file_name().to_string_lossy().to_string();
+            let s = std::fs::read_to_string(format!("/proc/{}/task/{tid}/status", t.pid)).ok()?;
+            s.lines()
+                .find_map(|l| l.strip_prefix("TracerPid:"))
+                .map(|v| v.trim().to_string())
+        })
+        .collect();
+    assert!(tracers.len() >= 20, "{tracers:?}");
+    assert!(
+        tracers.iter().all(|t| t != "0"),
+        "every thread, new ones too, is followed: {tracers:?}"
+    );
     w.signal(libc::SIGINT);
     assert_eq!(w.wait(), 130);
     wait_until("every thread untraced", || {
