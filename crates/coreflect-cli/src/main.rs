@@ -7,6 +7,7 @@ mod demo;
 mod info;
 mod report;
 mod warden;
+mod watch;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use coreflect::{DumpOptions, Mode, Options, Phase};
@@ -35,6 +36,9 @@ enum Cmd {
     Dump(DumpArgs),
     /// Show what a core file (or a .zst of one) holds: process, threads, mappings, notes.
     Info(info::InfoArgs),
+    /// Watch a process and dump it when a trigger fires (CPU, memory, threads, fds, a
+    /// signal, a timer), like procdump.
+    Watch(watch::args::WatchArgs),
     /// Start a sample multi-threaded process, dump it, and show how to open the core.
     Demo(demo::DemoArgs),
     /// Run the built-in test target (used by the demo, the tests and the benchmarks).
@@ -46,7 +50,7 @@ enum Cmd {
     },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum ModeArg {
     /// Reflect when possible, else suspend with a warning.
     Auto,
@@ -104,8 +108,8 @@ pub struct DumpArgs {
     direct_write: bool,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum LevelArg {
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub(crate) enum LevelArg {
     /// Stacks from SP, ELF headers, the loader's data, the vDSO.
     Mini,
     /// The kernel's rules with the target's coredump_filter.
@@ -114,7 +118,17 @@ enum LevelArg {
     Full,
 }
 
-fn parse_compress(s: &str) -> Result<i32, String> {
+impl From<LevelArg> for coreflect::Level {
+    fn from(l: LevelArg) -> Self {
+        match l {
+            LevelArg::Mini => coreflect::Level::Mini,
+            LevelArg::Default => coreflect::Level::Default,
+            LevelArg::Full => coreflect::Level::Full,
+        }
+    }
+}
+
+pub(crate) fn parse_compress(s: &str) -> Result<i32, String> {
     let bad = || format!("'{s}' is not a compression (zstd or zstd:LEVEL with LEVEL 1-19)");
     match s.split_once(':') {
         None if s == "zstd" => Ok(3),
@@ -241,11 +255,7 @@ fn dump_in_warden(
         output,
         overwrite: a.overwrite,
         filter: a.filter,
-        level: match a.level {
-            LevelArg::Mini => coreflect::Level::Mini,
-            LevelArg::Default => coreflect::Level::Default,
-            LevelArg::Full => coreflect::Level::Full,
-        },
+        level: a.level.into(),
         compress: a.compress,
         stdout: to_stdout,
     };
@@ -287,6 +297,7 @@ fn main() {
     let code = match &cli.cmd {
         Cmd::Dump(a) => run_dump(a),
         Cmd::Info(a) => info::run(a),
+        Cmd::Watch(a) => watch::run(a),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Target { args } => match coreflect_target::TargetOptions::parse(args) {
             Ok(o) => coreflect_target::run(o),

@@ -43,6 +43,7 @@ pub fn run_guarded(work: impl FnOnce(Arc<AtomicBool>) -> i32) -> i32 {
     // The parent: forward cancellation, relay the exit code.
     let cancel = crate::cancel_flag();
     let mut forwarded = false;
+    let started = std::time::Instant::now();
     loop {
         let mut status = 0;
         let r = unsafe { libc::waitpid(child, &mut status, libc::WNOHANG) };
@@ -66,6 +67,13 @@ pub fn run_guarded(work: impl FnOnce(Arc<AtomicBool>) -> i32) -> i32 {
             unsafe { libc::kill(child, libc::SIGTERM) };
             forwarded = true;
         }
-        std::thread::sleep(Duration::from_millis(5));
+        // Short naps while a dump is likely to end soon; a long-lived warden (`watch`)
+        // must cost next to nothing.
+        let nap = if started.elapsed() < Duration::from_secs(2) {
+            5
+        } else {
+            50
+        };
+        std::thread::sleep(Duration::from_millis(nap));
     }
 }

@@ -15,6 +15,8 @@
 //! `vfork MS` starts a thread that waits in `vfork` for MS ms (`VFORK tid=N`).
 //! End of stdin also quits.
 
+pub mod drive;
+
 use std::io::{BufRead, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
@@ -813,7 +815,9 @@ pub fn run(o: TargetOptions) -> ! {
                     println!("FORK us={us}");
                     std::io::stdout().flush().ok();
                 }
-                _ => {}
+                Ok(other) => {
+                    drive::command(other);
+                }
             }
         }
         // Quit: wake every thread the way it expects.

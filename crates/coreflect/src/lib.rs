@@ -47,6 +47,7 @@
 //! - [`snapshot`]: [`Options`], [`Mode`], [`Phase`] and how reflection works;
 //! - [`dump`](mod@dump): the whole dump into a file;
 //! - [`select`]: which memory goes into a core (`coredump_filter` rules, or your own policy);
+//! - [`trace`]: staying a process's tracer to intercept its signals (`coreflect watch`);
 //! - low-level building blocks, stable only as far as the items above need them:
 //!   [`elf`] (notes, the streaming core writer over any [`elf::writer::Sink`], a core
 //!   reader), [`proc`] (reading `/proc/PID/*`), [`output`] (creating the core file safely).
@@ -82,6 +83,7 @@ pub mod select;
 pub mod snapshot;
 #[doc(hidden)]
 pub mod stop;
+pub mod trace;
 
 pub use dump::{dump, DumpOptions, DumpReport};
 pub use error::{Error, Pid, Result};

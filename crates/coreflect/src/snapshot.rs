@@ -699,6 +699,71 @@ impl Snapshot {
         })
     }
 
+    /// Takes a snapshot of a target the caller already holds stopped (it is its tracer):
+    /// nothing is seized, injected or released, and no target lock is taken; the snapshot
+    /// is in [`Mode::Suspend`] and reads the target's memory directly, so the caller must
+    /// keep every thread stopped until the snapshot is dropped. `first` names the thread
+    /// the core lists first (gdb's current thread): the crashing thread of a crash dump,
+    /// whose [`crate::stop::StopKind::Signal`] and siginfo become `pr_cursig` (of every
+    /// thread, as in the kernel's crash cores) and `NT_SIGINFO`.
+    pub fn capture_held(
+        stopped: &StoppedProcess,
+        first: Option<Pid>,
+        opts: &Options,
+    ) -> Result<Snapshot> {
+        let pid = stopped.pid();
+        if opts.cancelled() {
+            return Err(Error::Cancelled);
+        }
+        let t0 = Instant::now();
+        let process = ProcessInfo::read(pid)?;
+        let mut xbuf = vec![0u8; arch::xstate_buffer_size()];
+        let mut threads = stopped.capture(&mut xbuf)?;
+        if let Some(i) = first.and_then(|f| threads.iter().position(|t| t.tid == f)) {
+            let t = threads.remove(i);
+            // A crash core as the kernel writes it: every thread's pr_cursig is the fatal
+            // signal (gdb takes it from the last NT_PRSTATUS); only the first thread has
+            // the siginfo.
+            if let crate::stop::StopKind::Signal(sig) = t.kind {
+                for o in threads.iter_mut() {
+                    o.kind = crate::stop::StopKind::Signal(sig);
+                    o.siginfo = None;
+                }
+            }
+            threads.insert(0, t);
+        }
+        opts.phase(Phase::Stopped);
+        let times = threads
+            .iter()
+            .map(|t| ThreadTimes::read(pid, t.tid))
+            .collect();
+        let mappings = proc::maps::read_smaps(pid)?;
+        Ok(Snapshot {
+            pid,
+            mode: Mode::Suspend,
+            process,
+            threads,
+            times,
+            mappings,
+            live: Vec::new(),
+            image: ProcMem::open(pid)?,
+            image_pagemap: Pagemap::open(pid).ok(),
+            target_mem: ProcMem::open(pid)?,
+            clone: None,
+            stopped: None,
+            _lock: None,
+            direct_write: false,
+            rseq_orig: None,
+            stopped_at: t0,
+            pause: PauseBreakdown {
+                started_ns: monotonic_ns(),
+                ..Default::default()
+            },
+            warnings: Vec::new(),
+            _not_send: PhantomData,
+        })
+    }
+
     /// The target's pid.
     pub fn pid(&self) -> Pid {
         self.pid

@@ -272,6 +272,28 @@ impl StoppedProcess {
         Ok(true)
     }
 
+    /// Wraps threads that the calling thread already traces and holds stopped (for a
+    /// tracer that stays attached, such as `coreflect watch --signal`), so the snapshot code
+    /// can use them. Get them back with [`StoppedProcess::into_tracees`]: dropping the
+    /// result instead detaches them, like any `StoppedProcess`.
+    pub fn from_seized(pid: Pid, mut tracees: Vec<Tracee>, timeout: Duration) -> StoppedProcess {
+        tracees.sort_by_key(|t| (t.tid != pid, t.tid));
+        StoppedProcess {
+            pid,
+            tracees,
+            unstopped: HashSet::new(),
+            timeout,
+            tolerate_blocked: false,
+        }
+    }
+
+    /// Gives the stopped threads back to the caller without releasing them (the inverse
+    /// of [`StoppedProcess::from_seized`]).
+    pub fn into_tracees(mut self) -> Vec<Tracee> {
+        self.unstopped.clear();
+        std::mem::take(&mut self.tracees)
+    }
+
     /// The target's pid.
     pub fn pid(&self) -> Pid {
         self.pid

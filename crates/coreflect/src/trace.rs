@@ -1,0 +1,544 @@
+//! Staying a process's tracer while it runs, to intercept signals (`coreflect watch
+//! --signal`): every thread is seized without being interrupted, new threads are followed
+//! (`PTRACE_O_TRACECLONE`), signal-delivery stops of the watched signals are reported to
+//! the caller and every other signal is passed through at once. The caller can stop the
+//! whole process at any time ([`Tracer::stop_all`]), dump it with the same tracer
+//! ([`dump_held`]) and let it go on ([`Tracer::resume_all`]), delivering the intercepted
+//! signal unchanged.
+//!
+//! A [`Tracer`] detaches from every thread when dropped: running threads are interrupted
+//! first (a tracee can only be detached while stopped), and a thread stopped on a signal is
+//! detached with that signal, so nothing is lost and no thread is left stopped.
+//!
+//! Every ptrace request must come from the thread that created the `Tracer`.
+
+use crate::dump::{DumpOptions, DumpReport};
+use crate::elf::writer::Progress;
+use crate::error::{Error, Pid, Result};
+use crate::output::OutputFile;
+use crate::proc;
+use crate::ptrace::{self, WaitStatus};
+use crate::snapshot::Snapshot;
+use crate::stop::{StopKind, StoppedProcess, Tracee};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// The state of one traced thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Running,
+    /// Stopped and held by us; resumed according to the kind.
+    Held(StopKind),
+}
+
+/// What [`Tracer::next_event`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// Thread `tid` is about to receive the watched signal `sig`; it stays stopped until
+    /// [`Tracer::resume_all`] (which delivers the signal) or [`Tracer::deliver`].
+    Signal {
+        /// The thread.
+        tid: Pid,
+        /// The signal.
+        sig: i32,
+    },
+    /// The process is gone: its main thread's last wait status (`Exited(code)` or
+    /// `Signaled(sig)`).
+    Exited(WaitStatus),
+}
+
+/// A process traced by the calling thread, all of its threads followed.
+#[derive(Debug)]
+pub struct Tracer {
+    pid: Pid,
+    watched: u64,
+    threads: HashMap<Pid, State>,
+    siginfo: HashMap<Pid, [u8; 128]>,
+    sigfd: libc::c_int,
+    /// Signals passed through since the start.
+    pub passed: u64,
+}
+
+fn bit(sig: i32) -> u64 {
+    if (1..=64).contains(&sig) {
+        1u64 << (sig - 1)
+    } else {
+        0
+    }
+}
+
+fn is_stop_signal(sig: i32) -> bool {
+    matches!(
+        sig,
+        libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+    )
+}
+
+fn listen(tid: Pid) -> Result<()> {
+    // SAFETY: PTRACE_LISTEN takes no pointers.
+    let r = unsafe { libc::ptrace(libc::PTRACE_LISTEN, tid, 0, 0) };
+    if r < 0 {
+        return Err(Error::Ptrace {
+            op: "PTRACE_LISTEN",
+            tid,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+fn ignore_gone(r: Result<()>) -> Result<()> {
+    match r {
+        Err(Error::Ptrace { source, .. }) if source.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+        r => r,
+    }
+}
+
+impl Tracer {
+    /// Seizes every thread of `pid` (no interrupt: the process keeps running) with
+    /// `PTRACE_O_TRACECLONE`, re-scanning its threads until no new one appears. `watched`
+    /// lists the signals [`Tracer::next_event`] reports; all others are passed through.
+    ///
+    /// Blocks `SIGCHLD` in the calling thread (ptrace stops are awaited on a signalfd).
+    pub fn attach(pid: Pid, watched: &[i32]) -> Result<Tracer> {
+        // SAFETY: a zeroed sigset is a valid argument for sigemptyset/sigaddset, which
+        // fully initialise it; pthread_sigmask and signalfd only read it.
+        let sigfd = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGCHLD);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
+        };
+        if sigfd < 0 {
+            return Err(Error::io(
+                "creating a signalfd for SIGCHLD",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let mut t = Tracer {
+            pid,
+            watched: watched.iter().fold(0, |m, &s| m | bit(s)),
+            threads: HashMap::new(),
+            siginfo: HashMap::new(),
+            sigfd,
+            passed: 0,
+        };
+        for pass in 0.. {
+            let tids = match proc::threads(pid) {
+                Ok(v) => v,
+                Err(Error::NoSuchProcess { .. }) => return Err(Error::ProcessExited { pid }),
+                Err(e) => return Err(e),
+            };
+            let mut new = 0;
+            for tid in tids {
+                if t.threads.contains_key(&tid) {
+                    continue;
+                }
+                match ptrace::seize(tid, ptrace::O_TRACECLONE) {
+                    Ok(()) => {
+                        new += 1;
+                        t.threads.insert(tid, State::Running);
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                    // Already ours: a thread created since the last scan, auto-attached.
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EPERM)
+                            && proc::Status::read_thread(pid, tid).is_ok_and(|s| {
+                                s.tracer_pid == std::process::id() as Pid
+                                    || s.tracer_pid == gettid()
+                            }) =>
+                    {
+                        t.threads.insert(tid, State::Running);
+                    }
+                    Err(e)
+                        if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) =>
+                    {
+                        return Err(crate::stop::seize_refused(pid, tid));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if new == 0 {
+                break;
+            }
+            if pass >= crate::stop::MAX_SCAN_PASSES {
+                return Err(Error::io(
+                    format!("tracing pid {pid}"),
+                    std::io::Error::other("it kept creating threads; try again"),
+                ));
+            }
+        }
+        if t.threads.is_empty() {
+            return Err(Error::ProcessExited { pid });
+        }
+        Ok(t)
+    }
+
+    /// The traced process.
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// The threads followed now.
+    pub fn thread_count(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// Waits up to `timeout` for a watched signal or the process's end, handling every
+    /// other stop itself (new threads, group stops, signals passed through). `Ok(None)`
+    /// on timeout.
+    pub fn next_event(&mut self, timeout: Duration) -> Result<Option<Event>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.drain_sigfd();
+            while let Some((tid, st)) = self.wait_any()? {
+                if let Some(e) = self.handle(tid, st, false)? {
+                    return Ok(Some(e));
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let ms = (deadline - now).as_millis().clamp(1, 50) as i32;
+            let mut pfd = libc::pollfd {
+                fd: self.sigfd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            unsafe { libc::poll(&mut pfd, 1, ms) };
+        }
+    }
+
+    fn drain_sigfd(&self) {
+        let mut buf = [0u8; 128 * 8];
+        // SAFETY: reads into a local buffer of the given length (non-blocking fd).
+        while unsafe { libc::read(self.sigfd, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+    }
+
+    /// One pending wait status of any of our tracees, without blocking.
+    fn wait_any(&self) -> Result<Option<(Pid, WaitStatus)>> {
+        let mut status = 0;
+        loop {
+            // SAFETY: waitpid writes one int.
+            let r = unsafe { libc::waitpid(-1, &mut status, libc::__WALL | libc::WNOHANG) };
+            if r > 0 {
+                return Ok(Some((r, decode(status))));
+            }
+            if r == 0 {
+                return Ok(None);
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::ECHILD) => return Ok(None),
+                _ => {
+                    return Err(Error::Ptrace {
+                        op: "waitpid",
+                        tid: -1,
+                        source: e,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Handles one wait status. With `holding`, every stop is kept (recorded as held),
+    /// for [`Tracer::stop_all`]; otherwise only watched signals are.
+    fn handle(&mut self, tid: Pid, st: WaitStatus, holding: bool) -> Result<Option<Event>> {
+        match st {
+            WaitStatus::Exited(_) | WaitStatus::Signaled(_) => {
+                self.threads.remove(&tid);
+                self.siginfo.remove(&tid);
+                if tid == self.pid || self.threads.is_empty() {
+                    self.threads.clear();
+                    return Ok(Some(Event::Exited(st)));
+                }
+                Ok(None)
+            }
+            WaitStatus::SyscallStop => {
+                self.threads.insert(tid, State::Running);
+                ignore_gone(ptrace::cont(tid, 0)).map(|_| None)
+            }
+            WaitStatus::Stopped { sig, event } => {
+                if event == ptrace::EVENT_CLONE {
+                    if let Ok(new) = ptrace::event_msg(tid) {
+                        self.threads.entry(new as Pid).or_insert(State::Running);
+                        if holding {
+                            let _ = ptrace::interrupt(new as Pid);
+                        }
+                    }
+                    if holding {
+                        self.threads.insert(tid, State::Held(StopKind::Interrupt));
+                        return Ok(None);
+                    }
+                    self.threads.insert(tid, State::Running);
+                    return ignore_gone(ptrace::cont(tid, 0)).map(|_| None);
+                }
+                if event == ptrace::EVENT_STOP {
+                    let kind = if is_stop_signal(sig) {
+                        StopKind::GroupStop(sig)
+                    } else {
+                        StopKind::Interrupt
+                    };
+                    if holding {
+                        self.threads.insert(tid, State::Held(kind));
+                        return Ok(None);
+                    }
+                    self.threads.insert(tid, State::Running);
+                    return match kind {
+                        StopKind::GroupStop(_) => ignore_gone(listen(tid)).map(|_| None),
+                        _ => ignore_gone(ptrace::cont(tid, 0)).map(|_| None),
+                    };
+                }
+                if event != 0 {
+                    self.threads.insert(tid, State::Running);
+                    return ignore_gone(ptrace::cont(tid, 0)).map(|_| None);
+                }
+                // A signal-delivery stop.
+                let watched = self.watched & bit(sig) != 0;
+                if holding || watched {
+                    if let Ok(si) = ptrace::get_siginfo(tid) {
+                        self.siginfo.insert(tid, si);
+                    }
+                    self.threads.insert(tid, State::Held(StopKind::Signal(sig)));
+                    if !holding {
+                        return Ok(Some(Event::Signal { tid, sig }));
+                    }
+                    return Ok(None);
+                }
+                self.passed += 1;
+                self.threads.insert(tid, State::Running);
+                ignore_gone(ptrace::cont(tid, sig)).map(|_| None)
+            }
+        }
+    }
+
+    /// Stops every thread (`PTRACE_INTERRUPT`), within `timeout`, and returns them as a
+    /// [`StoppedProcess`] for [`Snapshot::capture_held`]. Hand it back to
+    /// [`Tracer::resume_all`]. Signals that arrive meanwhile are held and delivered at
+    /// resume.
+    pub fn stop_all(&mut self, timeout: Duration) -> Result<StoppedProcess> {
+        let deadline = Instant::now() + timeout;
+        let running: Vec<Pid> = self
+            .threads
+            .iter()
+            .filter(|(_, s)| **s == State::Running)
+            .map(|(t, _)| *t)
+            .collect();
+        for tid in running {
+            if let Err(e) = ptrace::interrupt(tid) {
+                // Gone without a report we can collect (e.g. replaced by an exec in
+                // another thread): forget it rather than wait for it.
+                if e.raw_os_error() == Some(libc::ESRCH)
+                    && !std::path::Path::new(&format!("/proc/{}/task/{tid}", self.pid)).exists()
+                {
+                    self.threads.remove(&tid);
+                }
+            }
+        }
+        loop {
+            while let Some((tid, st)) = self.wait_any()? {
+                if let Some(Event::Exited(_)) = self.handle(tid, st, true)? {
+                    return Err(Error::ProcessExited { pid: self.pid });
+                }
+            }
+            if self.threads.values().all(|s| *s != State::Running) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let tid = self
+                    .threads
+                    .iter()
+                    .find(|(_, s)| **s == State::Running)
+                    .map(|(t, _)| *t)
+                    .unwrap_or(self.pid);
+                let state = proc::Status::read_thread(self.pid, tid)
+                    .map(|s| s.state.to_string())
+                    .unwrap_or_else(|_| "?".into());
+                return Err(Error::StopTimeout {
+                    pid: self.pid,
+                    tid,
+                    millis: timeout.as_millis() as u64,
+                    state,
+                });
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let tracees = self
+            .threads
+            .iter()
+            .filter_map(|(&tid, s)| match s {
+                State::Held(kind) => Some(Tracee {
+                    tid,
+                    kind: *kind,
+                    siginfo: match kind {
+                        StopKind::Signal(_) => self.siginfo.get(&tid).copied(),
+                        _ => None,
+                    },
+                }),
+                State::Running => None,
+            })
+            .collect();
+        Ok(StoppedProcess::from_seized(self.pid, tracees, timeout))
+    }
+
+    /// Lets every held thread go on: a thread stopped on a signal gets it delivered
+    /// unchanged, a group-stopped thread stays in its group stop, the others continue.
+    /// `stopped` is what [`Tracer::stop_all`] returned (or `None` after an event only).
+    pub fn resume_all(&mut self, stopped: Option<StoppedProcess>) -> Result<()> {
+        if let Some(s) = stopped {
+            let _ = s.into_tracees();
+        }
+        let held: Vec<(Pid, StopKind)> = self
+            .threads
+            .iter()
+            .filter_map(|(&t, s)| match s {
+                State::Held(k) => Some((t, *k)),
+                State::Running => None,
+            })
+            .collect();
+        let mut first_err = None;
+        for (tid, kind) in held {
+            let r = match kind {
+                StopKind::Signal(sig) => {
+                    if self.watched & bit(sig) == 0 {
+                        self.passed += 1;
+                    }
+                    ptrace::cont(tid, sig)
+                }
+                StopKind::GroupStop(_) => listen(tid),
+                StopKind::Interrupt => ptrace::cont(tid, 0),
+            };
+            self.siginfo.remove(&tid);
+            self.threads.insert(tid, State::Running);
+            if let Err(e) = ignore_gone(r) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Detaches from every thread (interrupting the running ones first), delivering any
+    /// held signal. Called by `Drop`; call it to see the error.
+    pub fn detach_all(&mut self) -> Result<()> {
+        if self.threads.is_empty() {
+            return Ok(());
+        }
+        let stopped = self.stop_all(Duration::from_secs(2));
+        if let Ok(s) = stopped {
+            let _ = s.into_tracees();
+        }
+        let mut first_err = None;
+        for (tid, s) in std::mem::take(&mut self.threads) {
+            let sig = match s {
+                State::Held(StopKind::Signal(sig)) => sig,
+                _ => 0,
+            };
+            if s == State::Running {
+                // Never seen stopped (it did not stop within the timeout): the kernel
+                // detaches it when this thread exits.
+                continue;
+            }
+            if let Err(e) = ignore_gone(ptrace::detach(tid, sig)) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Delivers the signal thread `tid` is held on and lets it run.
+    pub fn deliver(&mut self, tid: Pid) -> Result<()> {
+        if let Some(State::Held(kind)) = self.threads.get(&tid).copied() {
+            self.threads.insert(tid, State::Running);
+            self.siginfo.remove(&tid);
+            let sig = match kind {
+                StopKind::Signal(s) => s,
+                _ => 0,
+            };
+            return ignore_gone(ptrace::cont(tid, sig));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        let _ = self.detach_all();
+        // SAFETY: closes the signalfd this Tracer owns.
+        unsafe { libc::close(self.sigfd) };
+    }
+}
+
+fn gettid() -> Pid {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as Pid }
+}
+
+fn decode(status: i32) -> WaitStatus {
+    if libc::WIFEXITED(status) {
+        WaitStatus::Exited(libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        WaitStatus::Signaled(libc::WTERMSIG(status))
+    } else {
+        let sig = libc::WSTOPSIG(status);
+        if sig == libc::SIGTRAP | 0x80 {
+            WaitStatus::SyscallStop
+        } else {
+            WaitStatus::Stopped {
+                sig,
+                event: (status >> 16) & 0xff,
+            }
+        }
+    }
+}
+
+/// Dumps a process the caller holds stopped (see [`Snapshot::capture_held`]) to
+/// `opts.output`, as [`crate::dump`] does: the file gets its name only once complete, and
+/// nothing is left at the path on error or cancel. `first` is the thread to list first
+/// (the crashing one). The target stays stopped throughout; the caller resumes it.
+pub fn dump_held(
+    stopped: &StoppedProcess,
+    first: Option<Pid>,
+    opts: &DumpOptions,
+    progress: &mut dyn Progress,
+) -> Result<DumpReport> {
+    let t0 = Instant::now();
+    let out = OutputFile::create(&opts.output, opts.overwrite)?;
+    let snap = Snapshot::capture_held(stopped, first, &opts.snapshot)?;
+    let segs = crate::level::plan_for(&snap, opts.level, opts.filter);
+    let notes = snap.notes();
+    let cancel = opts.snapshot.cancel.clone();
+    let cancelled = || {
+        cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst))
+    };
+    let mut prog = |done: u64, total: u64| progress.update(done, total) && !cancelled();
+    let stats = snap.write_core_file_with(out.file(), &notes, &segs, &mut prog)?;
+    if cancelled() {
+        return Err(Error::Cancelled);
+    }
+    let path = out.commit()?;
+    let mut pause = snap.pause();
+    pause.total_us = t0.elapsed().as_micros() as u64;
+    Ok(DumpReport {
+        pid: stopped.pid(),
+        path,
+        mode: snap.mode(),
+        threads: snap.threads().len(),
+        segments: snap.mappings().len(),
+        pause,
+        bytes_written: stats.bytes_written,
+        file_size: stats.file_size,
+        unpopulated_bytes: stats.unpopulated_bytes,
+        zero_bytes: stats.zero_bytes,
+        written_by_clone: stats.written_by_clone,
+        duration_ms: t0.elapsed().as_millis() as u64,
+        level: opts.level,
+        compressed_size: None,
+        warnings: snap.warnings().to_vec(),
+    })
+}
