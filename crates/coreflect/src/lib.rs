@@ -16,6 +16,7 @@
 //! - [`select`]: which memory goes into a core (a policy apart from the writer);
 //! - [`elf`]: the notes, the streaming core writer and a core reader;
 //! - [`output`]: creating the core file safely;
+//! - [`access`]: why ptrace is refused, and what to do;
 //! - [`arch::x86_64`]: registers and syscall conventions.
 //!
 //! The library never prints: problems that do not stop a dump are returned as warnings.
@@ -24,6 +25,7 @@
 #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
 compile_error!("coreflect supports Linux on x86_64 only");
 
+pub mod access;
 pub mod arch;
 pub mod direct;
 pub mod dump;
