@@ -4,6 +4,7 @@
 //! and reports. All the work is in the library.
 
 mod demo;
+mod progress;
 mod report;
 mod warden;
 
@@ -23,7 +24,10 @@ use std::time::Duration;
 copy-on-write clone of it, lets it run again, and writes a complete ELF core (readable by gdb, \
 lldb and elfutils) from the frozen clone."
 )]
-struct Cli {
+pub struct Cli {
+    /// More detail on stderr: phase timings and why each mapping is in the core (-vv: all).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -80,7 +84,7 @@ pub struct DumpArgs {
     /// coredump_filter bits to use instead of the target's (hex, e.g. 0x33).
     #[arg(long, value_parser = parse_hex)]
     filter: Option<u32>,
-    /// No progress display.
+    /// Print nothing but errors (no progress bar, no summary, no warnings).
     #[arg(short, long)]
     quiet: bool,
     /// Let the clone write its own memory into the core (one copy instead of three; its CPU
@@ -188,11 +192,13 @@ fn dump_in_warden(a: &DumpArgs, pid: i32, output: PathBuf, cancel: Arc<AtomicBoo
         overwrite: a.overwrite,
         filter: a.filter,
     };
-    let mut progress = report::ProgressLine::new(!a.quiet && !a.json);
+    let mut progress = progress::Bar::new(!a.quiet && !a.json);
     match coreflect::dump(pid, &opts, &mut |d, t| progress.update(d, t)) {
         Ok(r) => {
             progress.clear();
-            report::success(a.json, &r);
+            if !a.quiet || a.json {
+                report::success(a.json, &r);
+            }
             0
         }
         Err(e) => {
@@ -208,6 +214,7 @@ fn dump_in_warden(a: &DumpArgs, pid: i32, output: PathBuf, cancel: Arc<AtomicBoo
 
 fn main() {
     let cli = Cli::parse();
+    progress::init_log(cli.verbose);
     let code = match &cli.cmd {
         Cmd::Dump(a) => run_dump(a),
         Cmd::Demo(a) => demo::run(a),

@@ -61,10 +61,15 @@ pub struct DumpReport {
 pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result<DumpReport> {
     let t0 = Instant::now();
     let out = OutputFile::create(&opts.output, opts.overwrite)?;
+    tracing::debug!("output file prepared in {:.2} ms", ms(t0));
+    let t = Instant::now();
     let mut snap = Snapshot::capture(pid, &opts.snapshot)?;
+    log_capture(&snap, t);
     let policy = KernelPolicy {
         filter: opts.filter.unwrap_or(snap.process().coredump_filter),
     };
+    crate::explain::log_plan(&snap, &policy);
+    let t = Instant::now();
     if let Some(h) = &opts.snapshot.hook {
         h(Phase::Writing)
     }
@@ -96,6 +101,15 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
             },
             e => e,
         })?;
+    tracing::debug!(
+        "core written in {:.2} ms: {} bytes of data, {} left as holes (never populated), {} as zero pages, {} by the clone itself",
+        ms(t),
+        stats.bytes_written,
+        stats.unpopulated_bytes,
+        stats.zero_bytes,
+        stats.written_by_clone
+    );
+    let t = Instant::now();
     let mode = snap.mode();
     let threads = snap.threads().len();
     let segments = snap.mappings().len();
@@ -129,6 +143,11 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
         warnings.push(w);
     }
     let path = path?;
+    tracing::debug!(
+        "named {} and the clone reaped in {:.2} ms",
+        path.display(),
+        ms(t)
+    );
     Ok(DumpReport {
         pid,
         path,
@@ -144,4 +163,27 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
         duration_ms: t0.elapsed().as_millis() as u64,
         warnings,
     })
+}
+
+/// Milliseconds since `t`.
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// The `-v` line for the snapshot: how long it took and where the pause went.
+fn log_capture(snap: &Snapshot, t: Instant) {
+    let p = snap.pause();
+    tracing::debug!(
+        "snapshot ({}, {} threads, {} mappings) taken in {:.2} ms; target paused {:.2} ms: stop {:.2} ms, clone {:.2} ms, release {:.2} ms, registers {:.2} ms (estimated {:.2} ms)",
+        snap.mode().as_str(),
+        snap.threads().len(),
+        snap.mappings().len(),
+        ms(t),
+        p.total_us as f64 / 1e3,
+        p.stop_us as f64 / 1e3,
+        p.clone_us as f64 / 1e3,
+        p.release_us as f64 / 1e3,
+        p.capture_us as f64 / 1e3,
+        p.estimate_us as f64 / 1e3
+    );
 }

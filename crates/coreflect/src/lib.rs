@@ -16,6 +16,7 @@
 //! - [`select`]: which memory goes into a core (a policy apart from the writer);
 //! - [`elf`]: the notes, the streaming core writer and a core reader;
 //! - [`output`]: creating the core file safely;
+//! - [`explain`]: why each mapping is in a core or not (`tracing` events);
 //! - [`access`]: why ptrace is refused, and what to do;
 //! - [`arch::x86_64`]: registers and syscall conventions.
 //!
@@ -31,6 +32,7 @@ pub mod direct;
 pub mod dump;
 pub mod elf;
 pub mod error;
+pub mod explain;
 pub mod inject;
 pub mod lock;
 pub mod output;
