@@ -3,7 +3,9 @@
 //! A thin layer over the `coreflect` library: argument parsing, signal handling, progress
 //! and reports. All the work is in the library.
 
+mod crash_handler;
 mod demo;
+mod man;
 mod progress;
 mod report;
 mod warden;
@@ -22,7 +24,8 @@ use std::time::Duration;
     about = "Full core dumps of live Linux processes with a millisecond pause",
     long_about = "coreflect stops a process only long enough to capture its threads and create a \
 copy-on-write clone of it, lets it run again, and writes a complete ELF core (readable by gdb, \
-lldb and elfutils) from the frozen clone."
+lldb and elfutils) from the frozen clone.",
+    after_help = man::AFTER_HELP
 )]
 pub struct Cli {
     /// More detail on stderr: phase timings and why each mapping is in the core (-vv: all).
@@ -35,9 +38,22 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Dump a running process to an ELF core file.
+    #[command(after_help = man::DUMP_AFTER_HELP)]
     Dump(DumpArgs),
     /// Start a sample multi-threaded process, dump it, and show how to open the core.
     Demo(demo::DemoArgs),
+    /// Keep a core of every crash: coreflect as the kernel's core_pattern handler.
+    CrashHandler {
+        #[command(subcommand)]
+        cmd: crash_handler::CrashCmd,
+    },
+    /// Print the manual page (roff): coreflect man | man -l -
+    Man,
+    /// Print shell completions: coreflect completions bash|zsh|fish
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Run the built-in test target (used by the demo, the tests and the benchmarks).
     #[command(name = "__target", hide = true)]
     Target {
@@ -218,6 +234,9 @@ fn main() {
     let code = match &cli.cmd {
         Cmd::Dump(a) => run_dump(a),
         Cmd::Demo(a) => demo::run(a),
+        Cmd::CrashHandler { cmd } => crash_handler::run(cmd),
+        Cmd::Man => man::run_man(),
+        Cmd::Completions { shell } => man::run_completions(*shell),
         Cmd::Target { args } => match coreflect_target::TargetOptions::parse(args) {
             Ok(o) => coreflect_target::run(o),
             Err(e) => {
