@@ -395,6 +395,9 @@ fn install(a: &InstallArgs) -> Result<(), String> {
         },
         conf.max_time
     );
+    println!(
+        "  note: a process whose RLIMIT_CORE is 0 (the default of most shells and services) still leaves no core: ulimit -c unlimited, or LimitCORE=infinity (systemd)"
+    );
     if String::from_utf8_lossy(&previous).contains("systemd-coredump") {
         println!("  note: systemd-coredump receives no cores until uninstall");
     }
@@ -605,6 +608,9 @@ fn copy_sparse(
     let mut off: u64 = 0;
     let mut data: u64 = 0;
     let mut next_check: u64 = 0;
+    let zero = [0u8; PAGE];
+    // Slice equality is a memcmp, fast even in a debug build.
+    let is_zero = |b: &[u8]| b == &zero[..b.len()];
     loop {
         // Fill the whole chunk (pipes return at most 64 KiB at a time) or reach the end.
         let mut n = 0;
@@ -622,7 +628,7 @@ fn copy_sparse(
         let mut i = 0;
         while i < n {
             let end = (i + PAGE).min(n);
-            if buf[i..end].iter().all(|&b| b == 0) {
+            if is_zero(&buf[i..end]) {
                 i = end;
                 continue;
             }
@@ -630,7 +636,7 @@ fn copy_sparse(
             let mut j = end;
             while j < n {
                 let e = (j + PAGE).min(n);
-                if buf[j..e].iter().all(|&b| b == 0) {
+                if is_zero(&buf[j..e]) {
                     break;
                 }
                 j = e;
