@@ -591,6 +591,7 @@ fn log(line: &str) {
 }
 
 /// Why a core was not kept.
+#[derive(Debug)]
 struct GiveUp(String);
 
 /// Copies stdin into `f` leaving zero pages as holes; checks the budget every 32 MiB.
@@ -643,7 +644,7 @@ fn copy_sparse(
             }
             if data + (j - i) as u64 > budget {
                 return Err(GiveUp(format!(
-                    "the core is larger than the space left under --max-size ({})",
+                    "the core is larger than --max-size ({})",
                     crate::report::bytes(budget)
                 )));
             }
@@ -740,16 +741,6 @@ fn handle_with(
     let path = conf.dir.join(dump_name(comm, a.pid, a.time));
     let out =
         coreflect::output::OutputFile::create(&path, false).map_err(|e| GiveUp(e.to_string()))?;
-    let lock = lock_dir(&conf.dir);
-    // Room for one more dump.
-    let rotated = rotate(
-        &conf.dir,
-        conf.max_files.saturating_sub(1) as usize,
-        conf.max_size,
-        None,
-    );
-    let used: u64 = list_dumps(&conf.dir).iter().map(|d| d.disk).sum();
-    drop(lock);
     let (free, size) = space(out.file()).unwrap_or((u64::MAX, 0));
     let floor = match conf.min_free {
         Floor::Bytes(b) => b,
@@ -763,21 +754,21 @@ fn handle_with(
             crate::report::bytes(floor)
         )));
     }
-    let budget = conf.max_size.saturating_sub(used);
-    let (len, data) = copy_sparse(input, out.file(), budget, floor, deadline)?;
+    // Older dumps make room only once this one is complete and kept: a refused core never
+    // costs an old one. Meanwhile the free-space floor protects the filesystem.
+    let (len, data) = copy_sparse(input, out.file(), conf.max_size, floor, deadline)?;
     if len == 0 {
         return Err(GiveUp("the kernel sent an empty core".into()));
     }
     let path = out.commit().map_err(|e| GiveUp(e.to_string()))?;
-    // Fix the totals now that the new dump's real size is known (it is kept).
+    // Room for it: the oldest others go until the count and total size fit.
     let lock = lock_dir(&conf.dir);
-    let rotated = rotated
-        + rotate(
-            &conf.dir,
-            conf.max_files as usize,
-            conf.max_size,
-            Some(&path),
-        );
+    let rotated = rotate(
+        &conf.dir,
+        conf.max_files as usize,
+        conf.max_size,
+        Some(&path),
+    );
     drop(lock);
     Ok(format!(
         "core saved to {} ({} of data in a {} sparse file, {:.2} s{})",

@@ -625,6 +625,12 @@ pub fn run(o: TargetOptions) -> ! {
                 println!("GAP us={}", MAX_GAP_US.load(SeqCst));
                 std::io::stdout().flush().ok();
             }
+            Ok("segv") => {
+                // A real crash (for the post-mortem handler's test): a write through a null
+                // pointer, which the kernel turns into SIGSEGV and a core.
+                // SAFETY: not safe on purpose: the fault is the point; nothing runs after it.
+                unsafe { std::ptr::write_volatile(std::ptr::null_mut::<u64>(), 1) };
+            }
             Ok("fork") => {
                 // Not counted as the dumper's doing: the child is ours.
                 let (s0, w0) = (c().sigchld.load(SeqCst), c().waitpid_children.load(SeqCst));
