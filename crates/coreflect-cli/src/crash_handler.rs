@@ -396,7 +396,7 @@ fn install(a: &InstallArgs) -> Result<(), String> {
         conf.max_time
     );
     println!(
-        "  note: a process whose RLIMIT_CORE is 0 (the default of most shells and services) still leaves no core: ulimit -c unlimited, or LimitCORE=infinity (systemd)"
+        "  a pipe handler gets every crash's core whatever the process's RLIMIT_CORE (ulimit -c), except the value 1 (the kernel's recursion guard)"
     );
     if String::from_utf8_lossy(&previous).contains("systemd-coredump") {
         println!("  note: systemd-coredump receives no cores until uninstall");

@@ -429,7 +429,8 @@ fn crash_handler_keeps_a_core_of_a_crash_and_uninstall_restores_the_pattern() {
         "{st}"
     );
 
-    // A multi-threaded process killed by SIGSEGV (RLIMIT_CORE must not be 0).
+    // A multi-threaded process killed by SIGSEGV, with the usual RLIMIT_CORE of 0: the
+    // kernel ignores it for a pipe handler.
     let (mut child, line) = spawn_first_line(Command::new("sh").arg("-c").arg(format!(
         "ulimit -c unlimited && exec {} __target",
         exe().display()
