@@ -432,7 +432,7 @@ fn crash_handler_keeps_a_core_of_a_crash_and_uninstall_restores_the_pattern() {
     // A multi-threaded process killed by SIGSEGV, with the usual RLIMIT_CORE of 0: the
     // kernel ignores it for a pipe handler.
     let (mut child, line) = spawn_first_line(Command::new("sh").arg("-c").arg(format!(
-        "ulimit -c unlimited && exec {} __target",
+        "ulimit -c 0 && exec {} __target",
         exe().display()
     )));
     assert!(line.starts_with("READY"), "{line}");
