@@ -73,7 +73,8 @@ pub struct InstallArgs {
     /// process's exit is never held up longer.
     #[arg(long, default_value_t = 120)]
     max_time: u64,
-    /// Compression of the dumps (only `none` in this build).
+    /// Compress the dumps (`zstd`: `.core.zst`, read with `zstd -d` or `unzstd`; no holes
+    /// then, zero pages compress to almost nothing).
     #[arg(long, value_enum, default_value = "none")]
     compress: Compress,
     #[command(flatten)]
@@ -85,6 +86,8 @@ pub struct InstallArgs {
 pub enum Compress {
     /// Sparse, uncompressed cores.
     None,
+    /// zstd (level 3, multi-threaded).
+    Zstd,
 }
 
 /// Arguments of `crash-handler uninstall`.
@@ -177,17 +180,23 @@ pub struct Config {
     pub min_free: Floor,
     /// Seconds before a core is given up.
     pub max_time: u64,
+    /// Compression.
+    pub compress: Compress,
 }
 
 impl Config {
     fn render(&self) -> String {
         format!(
-            "# written by coreflect crash-handler install; read by crash-handler handle\ndir={}\nmax_files={}\nmax_size={}\nmin_free={}\nmax_time={}\n",
+            "# written by coreflect crash-handler install; read by crash-handler handle\ndir={}\nmax_files={}\nmax_size={}\nmin_free={}\nmax_time={}\ncompress={}\n",
             self.dir.display(),
             self.max_files,
             self.max_size,
             floor_text(self.min_free),
-            self.max_time
+            self.max_time,
+            match self.compress {
+                Compress::None => "none",
+                Compress::Zstd => "zstd",
+            }
         )
     }
 
@@ -198,6 +207,7 @@ impl Config {
             max_size: 10 << 30,
             min_free: Floor::Bytes(1 << 30),
             max_time: 120,
+            compress: Compress::None,
         };
         for line in text.lines().map(str::trim) {
             if line.is_empty() || line.starts_with('#') {
@@ -213,6 +223,13 @@ impl Config {
                 "max_size" => c.max_size = v.parse().map_err(bad)?,
                 "min_free" => c.min_free = parse_floor(v)?,
                 "max_time" => c.max_time = v.parse().map_err(bad)?,
+                "compress" => {
+                    c.compress = match v {
+                        "none" => Compress::None,
+                        "zstd" => Compress::Zstd,
+                        _ => return Err(format!("unknown compression in {line:?}")),
+                    }
+                }
                 _ => {} // newer keys: ignored
             }
         }
@@ -318,7 +335,6 @@ fn install(a: &InstallArgs) -> Result<(), String> {
             "installing the crash handler writes {CORE_PATTERN}, which takes root: run sudo coreflect crash-handler install …"
         ));
     }
-    let _ = a.compress; // `none` is the only choice in this build
     let exe =
         std::env::current_exe().map_err(|e| format!("cannot find coreflect's own path: {e}"))?;
     let exe_s = exe.display().to_string();
@@ -367,6 +383,7 @@ fn install(a: &InstallArgs) -> Result<(), String> {
         max_size: a.max_size,
         min_free: a.min_free,
         max_time: a.max_time.max(1),
+        compress: a.compress,
     };
     write_atomic(&state.join(CONF), conf.render().as_bytes())?;
     write_pattern(pattern.as_bytes())?;
@@ -385,8 +402,13 @@ fn install(a: &InstallArgs) -> Result<(), String> {
         saved_path.display()
     );
     println!(
-        "  dumps go to {} (0600): at most {} files and {} on disk, never below {} free, at most {} s per core",
+        "  dumps go to {} (0600{}): at most {} files and {} on disk, never below {} free, at most {} s per core",
         dir.display(),
+        if conf.compress == Compress::Zstd {
+            ", zstd"
+        } else {
+            ""
+        },
         conf.max_files,
         crate::report::bytes(conf.max_size),
         match conf.min_free {
@@ -495,12 +517,16 @@ struct Dump {
     disk: u64,
 }
 
-/// Our dumps in `dir` (regular files named `*.core`), oldest first.
+/// Our dumps in `dir` (regular files named `*.core` or `*.core.zst`), oldest first.
 fn list_dumps(dir: &Path) -> Vec<Dump> {
     let mut v: Vec<Dump> = std::fs::read_dir(dir)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
-                .filter(|e| e.file_name().to_string_lossy().ends_with(".core"))
+                .filter(|e| {
+                    let n = e.file_name();
+                    let n = n.to_string_lossy();
+                    n.ends_with(".core") || n.ends_with(".core.zst")
+                })
                 .filter_map(|e| {
                     let m = std::fs::symlink_metadata(e.path()).ok()?;
                     m.is_file().then(|| Dump {
@@ -678,6 +704,88 @@ fn copy_sparse(
     Ok((off, data))
 }
 
+/// Counts the bytes written through it.
+struct Counting<'a> {
+    f: &'a File,
+    n: u64,
+}
+
+impl Write for Counting<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let k = (&mut &*self.f).write(b)?;
+        self.n += k as u64;
+        Ok(k)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Copies stdin into `f` compressed with zstd; the same checks as [`copy_sparse`] on the
+/// compressed size. Returns (bytes read, compressed bytes written).
+fn copy_zstd(
+    input: &mut dyn Read,
+    f: &File,
+    budget: u64,
+    floor: u64,
+    deadline: Instant,
+) -> Result<(u64, u64), GiveUp> {
+    const CHUNK: usize = 1 << 20;
+    let zerr = |e: std::io::Error| GiveUp(format!("compressing: {e}"));
+    let mut enc = zstd::stream::Encoder::new(Counting { f, n: 0 }, 3).map_err(zerr)?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    if threads > 1 {
+        // Best effort: a zstd built without threads compresses on this one.
+        let _ = enc.multithread(threads as u32);
+    }
+    let mut buf = vec![0u8; CHUNK];
+    let mut read: u64 = 0;
+    let mut next_check: u64 = 0;
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(GiveUp(format!("reading the core from the kernel: {e}"))),
+        };
+        enc.write_all(&buf[..n]).map_err(zerr)?;
+        read += n as u64;
+        let written = enc.get_ref().n;
+        if written > budget {
+            return Err(GiveUp(format!(
+                "the compressed core is larger than --max-size ({})",
+                crate::report::bytes(budget)
+            )));
+        }
+        if read >= next_check {
+            next_check = read + 32 * CHUNK as u64;
+            if let Some((free, _)) = space(f) {
+                if free < floor {
+                    return Err(GiveUp(format!(
+                        "the filesystem's free space fell to the floor ({} free, floor {})",
+                        crate::report::bytes(free),
+                        crate::report::bytes(floor)
+                    )));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(GiveUp(format!(
+                    "it took longer than the time limit ({} read)",
+                    crate::report::bytes(read)
+                )));
+            }
+        }
+    }
+    let out = enc.finish().map_err(zerr)?;
+    if out.n > budget {
+        return Err(GiveUp(format!(
+            "the compressed core is larger than --max-size ({})",
+            crate::report::bytes(budget)
+        )));
+    }
+    Ok((read, out.n))
+}
+
 /// An exclusive lock on the dump directory for the rotation and size accounting (crashes
 /// may come in bursts). Released when dropped.
 fn lock_dir(dir: &Path) -> Option<File> {
@@ -738,7 +846,11 @@ fn handle_with(
     if !dir_meta.is_dir() {
         return Err(GiveUp(format!("{} is not a directory", conf.dir.display())));
     }
-    let path = conf.dir.join(dump_name(comm, a.pid, a.time));
+    let mut name = dump_name(comm, a.pid, a.time);
+    if conf.compress == Compress::Zstd {
+        name.push_str(".zst");
+    }
+    let path = conf.dir.join(name);
     let out =
         coreflect::output::OutputFile::create(&path, false).map_err(|e| GiveUp(e.to_string()))?;
     let (free, size) = space(out.file()).unwrap_or((u64::MAX, 0));
@@ -756,7 +868,10 @@ fn handle_with(
     }
     // Older dumps make room only once this one is complete and kept: a refused core never
     // costs an old one. Meanwhile the free-space floor protects the filesystem.
-    let (len, data) = copy_sparse(input, out.file(), conf.max_size, floor, deadline)?;
+    let (len, data) = match conf.compress {
+        Compress::None => copy_sparse(input, out.file(), conf.max_size, floor, deadline)?,
+        Compress::Zstd => copy_zstd(input, out.file(), conf.max_size, floor, deadline)?,
+    };
     if len == 0 {
         return Err(GiveUp("the kernel sent an empty core".into()));
     }
@@ -771,10 +886,13 @@ fn handle_with(
     );
     drop(lock);
     Ok(format!(
-        "core saved to {} ({} of data in a {} sparse file, {:.2} s{})",
+        "core saved to {} ({} {}, {:.2} s{})",
         path.display(),
         crate::report::bytes(data),
-        crate::report::bytes(len),
+        match conf.compress {
+            Compress::None => format!("of data in a {} sparse file", crate::report::bytes(len)),
+            Compress::Zstd => format!("compressed from {}", crate::report::bytes(len)),
+        },
         start.elapsed().as_secs_f64(),
         if rotated > 0 {
             format!("; {rotated} older dump(s) deleted")
@@ -808,6 +926,7 @@ mod tests {
             max_size: 12345,
             min_free: Floor::Percent(7),
             max_time: 9,
+            compress: Compress::Zstd,
         };
         assert_eq!(Config::parse(&c.render()).unwrap(), c);
     }

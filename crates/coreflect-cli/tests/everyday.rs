@@ -431,10 +431,11 @@ fn crash_handler_keeps_a_core_of_a_crash_and_uninstall_restores_the_pattern() {
 
     // A multi-threaded process killed by SIGSEGV, with the usual RLIMIT_CORE of 0: the
     // kernel ignores it for a pipe handler.
-    let (mut child, line) = spawn_first_line(Command::new("sh").arg("-c").arg(format!(
-        "ulimit -c 0 && exec {} __target",
-        exe().display()
-    )));
+    let (mut child, line) = spawn_first_line(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("ulimit -c 0 && exec {} __target", exe().display())),
+    );
     assert!(line.starts_with("READY"), "{line}");
     let pid = child.id() as i32;
     let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -630,6 +631,26 @@ fn crash_handler_rotates_and_respects_size_and_free_space() {
         "{log}"
     );
     assert!(dumps(&dir).iter().all(|n| !n.contains(".105.")));
+    // zstd: `<name>.core.zst`, the same bytes once decompressed, counted in the rotation.
+    conf("max_size=1073741824\nmin_free=0\ncompress=zstd\n");
+    let (ok, log) = handle(&state, 106, &core);
+    assert!(ok, "{log}");
+    let zst: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".106.core.zst"))
+        .collect();
+    assert_eq!(zst.len(), 1, "{log}");
+    let packed = std::fs::read(&zst[0]).unwrap();
+    assert!(packed.len() < 64 << 10, "{} bytes", packed.len());
+    assert_eq!(zstd::decode_all(&packed[..]).unwrap(), core);
+    assert_eq!(std::fs::metadata(&zst[0]).unwrap().mode() & 0o777, 0o600);
+    let all: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".core"))
+        .collect();
+    assert_eq!(all.len(), 2, "rotation counts .core.zst too: {all:?}");
     let _ = std::fs::remove_dir_all(&state);
     let _ = std::fs::remove_dir_all(&dir);
 }
