@@ -112,8 +112,9 @@ pub struct HandleArgs {
     signal: i32,
     /// The time of the crash in seconds since the epoch (%t).
     time: i64,
-    /// Its command name (%e; may contain spaces).
-    #[arg(trailing_var_arg = true, num_args = 0..)]
+    /// Its command name (%e; may contain spaces, or start with '-': any process may name
+    /// itself with prctl(PR_SET_NAME)).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
     comm: Vec<String>,
 }
 
@@ -582,10 +583,12 @@ pub fn dump_name(comm: &str, pid: i64, time: i64) -> String {
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
     // SAFETY: localtime_r reads `t` and fills the valid, exclusively borrowed `tm`.
     unsafe { libc::localtime_r(&t, &mut tm) };
+    // A leading '-' or '.' would make an option-like or hidden file name.
     let safe: String = comm
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+        .enumerate()
+        .map(|(i, c)| {
+            if c.is_ascii_alphanumeric() || c == '_' || (i > 0 && "-.".contains(c)) {
                 c
             } else {
                 '_'
@@ -948,6 +951,8 @@ mod tests {
         assert!(n.starts_with("my_prog_x_"), "{n}");
         assert!(n.ends_with(".42.core"), "{n}");
         assert_eq!(n.len(), "my_prog_x_".len() + 13 + ".42.core".len());
+        assert!(dump_name("-x", 1, 0).starts_with("_x_"));
+        assert!(dump_name(".hidden", 1, 0).starts_with("_hidden_"));
     }
 
     #[test]
