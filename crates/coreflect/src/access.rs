@@ -153,8 +153,27 @@ fn setcap_hint(caps: &str) -> String {
 /// error message. Reads the settings at the time of the call.
 pub fn diagnose(pid: Pid) -> String {
     let me = Creds::read(std::process::id() as Pid).unwrap_or_default();
-    let target = Creds::read(pid);
-    let yama = Yama::read();
+    let descendant = descends_from(pid, std::process::id() as Pid);
+    explain(
+        pid,
+        &me,
+        Creds::read(pid),
+        Yama::read(),
+        descendant,
+        &other_lsms(),
+    )
+}
+
+/// [`diagnose`] on given facts: our credentials, the target's (if readable), Yama, whether
+/// the target descends from us, and the other active LSMs.
+fn explain(
+    pid: Pid,
+    me: &Creds,
+    target: Option<Creds>,
+    yama: Yama,
+    descendant: bool,
+    lsms: &[String],
+) -> String {
     let yama_text = match yama {
         Yama::Absent => "this kernel has no Yama (/proc/sys/kernel/yama is absent)".to_string(),
         Yama::Scope(s) => format!("kernel.yama.ptrace_scope is {s}"),
@@ -166,7 +185,7 @@ pub fn diagnose(pid: Pid) -> String {
         );
     };
     let cap = me.can_ptrace_any();
-    if !same_user(&me, &target) {
+    if !same_user(me, &target) {
         let mut missing = Vec::new();
         if !cap {
             missing.push("CAP_SYS_PTRACE");
@@ -204,14 +223,13 @@ pub fn diagnose(pid: Pid) -> String {
                 "kernel.yama.ptrace_scope is 2: only processes with CAP_SYS_PTRACE may trace; options: run as root (sudo coreflect …), or {setcap}"
             );
         }
-        Yama::Scope(1) if !cap && !descends_from(pid, std::process::id() as Pid) => {
+        Yama::Scope(1) if !cap && !descendant => {
             return format!(
                 "kernel.yama.ptrace_scope is 1: a user may trace only its own descendants, or a process that named it with prctl(PR_SET_PTRACER, pid or PR_SET_PTRACER_ANY); options: {setcap}, run as root (sudo coreflect …), have the target call prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY), or allow same-user tracing (sudo sysctl kernel.yama.ptrace_scope=0)"
             );
         }
         _ => {}
     }
-    let lsms = other_lsms();
     let lsm_text = if lsms.is_empty() {
         String::new()
     } else {
@@ -253,6 +271,65 @@ mod tests {
             ..Creds::default()
         };
         assert!(!same_user(&me, &setuid));
+    }
+
+    #[test]
+    fn each_setting_is_named_with_its_options() {
+        let user = Creds {
+            uid: [1000; 4],
+            gid: [1000; 4],
+            ..Creds::default()
+        };
+        let none: &[String] = &[];
+        let root_target = explain(7, &user, Some(Creds::default()), Yama::Absent, false, none);
+        assert!(root_target.contains("it runs as") && root_target.contains("uid 0"));
+        assert!(root_target.contains("CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH, CAP_KILL"));
+        assert!(root_target.contains("setcap cap_sys_ptrace,cap_dac_read_search,cap_kill+ep"));
+        assert!(root_target.contains("sudo"));
+        let own = Some(user.clone());
+        let s1 = explain(7, &user, own.clone(), Yama::Scope(1), false, none);
+        assert!(s1.starts_with("kernel.yama.ptrace_scope is 1"), "{s1}");
+        for want in [
+            "PR_SET_PTRACER",
+            "sysctl kernel.yama.ptrace_scope=0",
+            "setcap cap_sys_ptrace+ep",
+            "sudo",
+        ] {
+            assert!(s1.contains(want), "{want} not in {s1}");
+        }
+        // A descendant is allowed at scope 1: the refusal is then something else.
+        let s1d = explain(7, &user, own.clone(), Yama::Scope(1), true, none);
+        assert!(s1d.contains("checks pass"), "{s1d}");
+        let s2 = explain(7, &user, own.clone(), Yama::Scope(2), false, none);
+        assert!(
+            s2.starts_with("kernel.yama.ptrace_scope is 2")
+                && s2.contains("setcap cap_sys_ptrace+ep")
+        );
+        let s3 = explain(7, &user, own.clone(), Yama::Scope(3), false, none);
+        assert!(s3.contains("is 3") && s3.contains("reboot"), "{s3}");
+        let capable = Creds {
+            cap_eff: CAP_SYS_PTRACE,
+            ..user.clone()
+        };
+        let s2c = explain(7, &capable, own.clone(), Yama::Scope(2), false, none);
+        assert!(
+            s2c.contains("checks pass") && s2c.contains("CAP_SYS_PTRACE"),
+            "{s2c}"
+        );
+        let lsm = explain(
+            7,
+            &user,
+            own,
+            Yama::Absent,
+            false,
+            &["apparmor".to_string()],
+        );
+        assert!(
+            lsm.contains("no Yama") && lsm.contains("apparmor") && lsm.contains("dmesg"),
+            "{lsm}"
+        );
+        let gone = explain(7, &user, None, Yama::Scope(0), false, none);
+        assert!(gone.contains("/proc/7/status cannot be read"), "{gone}");
     }
 
     #[test]
