@@ -69,9 +69,11 @@ pub fn render(done: u64, total: u64, secs: f64, cols: usize) -> String {
 }
 
 impl Bar {
-    /// A bar that shows only if `want` and stderr is a terminal.
+    /// A bar that shows only if `want`, stderr is a terminal, and no `-v` log shares it
+    /// (its lines would land in the middle of the bar).
     pub fn new(want: bool) -> Bar {
-        let on = want && std::io::stderr().is_terminal();
+        let on =
+            want && std::io::stderr().is_terminal() && !tracing::enabled!(tracing::Level::DEBUG);
         Bar {
             on,
             start: None,
