@@ -18,6 +18,14 @@ pub struct Bar {
     width: usize,
 }
 
+/// [`DELAY`], or `COREFLECT_PROGRESS_DELAY_MS` (for tests: 0 shows the bar at once).
+fn delay() -> Duration {
+    std::env::var("COREFLECT_PROGRESS_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(DELAY, Duration::from_millis)
+}
+
 /// The terminal's width in columns (80 if unknown).
 fn columns() -> usize {
     let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
@@ -89,7 +97,7 @@ impl Bar {
         }
         let now = Instant::now();
         let start = *self.start.get_or_insert(now);
-        if now - start < DELAY || self.last.is_some_and(|l| now - l < REDRAW) {
+        if now - start < delay() || self.last.is_some_and(|l| now - l < REDRAW) {
             return true;
         }
         self.last = Some(now);

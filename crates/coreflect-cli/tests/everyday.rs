@@ -116,6 +116,46 @@ fn quiet_plain_and_verbose_output() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+#[test]
+fn progress_bar_on_a_terminal() {
+    if !have("script") {
+        eprintln!("skipped: script(1) is not installed to give coreflect a terminal");
+        return;
+    }
+    let t = Target::spawn(&["--heap-mib", "64"]);
+    let d = tmpdir("tty");
+    let core = d.join("tty.core");
+    // script(1) runs coreflect on a pseudo-terminal; the bar's delay is set to 0 so that the
+    // test does not depend on how long the write takes.
+    let o = Command::new("script")
+        .args(["-q", "-e", "-c"])
+        .arg(format!(
+            "{} dump {} -o {}",
+            exe().display(),
+            t.pid,
+            core.display()
+        ))
+        .arg("/dev/null")
+        .env("COREFLECT_PROGRESS_DELAY_MS", "0")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains("\r  [#") && out.contains("MiB/s"),
+        "no bar: {out:?}"
+    );
+    assert!(out.contains(" / ") && out.contains('%'), "{out:?}");
+    // The bar is erased before the summary.
+    let summary = out.find("coreflect: dumped pid").expect("a summary");
+    let last_cr = out[..summary].rfind('\r').unwrap();
+    assert!(out[last_cr + 1..summary].trim().is_empty(), "{out:?}");
+    assert!(core.exists());
+    t.assert_free();
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 /// The visible subcommands, read from `--help`.
 fn subcommands(args: &[&str]) -> Vec<String> {
     let mut a = args.to_vec();
