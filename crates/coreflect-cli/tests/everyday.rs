@@ -705,6 +705,7 @@ fn debian_package_holds_binary_man_page_and_completions() {
     let o = Command::new("bash")
         .arg(root.join("packaging/deb"))
         .env("COREFLECT_BIN", exe())
+        .env("COREFLECT_DEB_Z", "gzip")
         .output()
         .unwrap();
     assert!(o.status.success(), "packaging/deb: {}", text(&o.stderr));
