@@ -195,7 +195,7 @@ fn command_section(out: &mut String, cmd: &Command, path: &str) {
 pub fn page() -> String {
     let mut cmd = crate::Cli::command();
     cmd.build();
-    let man = clap_mangen::Man::new(cmd.clone()).date(env!("CARGO_PKG_VERSION"));
+    let man = clap_mangen::Man::new(cmd.clone());
     let mut buf: Vec<u8> = Vec::new();
     // clap_mangen writes the title, NAME, SYNOPSIS, DESCRIPTION, global OPTIONS and the
     // (not its list of subcommands: it names pages coreflect-dump(1)… that do not exist);
