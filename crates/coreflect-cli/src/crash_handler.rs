@@ -330,8 +330,14 @@ fn absolute(p: &Path) -> Result<PathBuf, String> {
     std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()))
 }
 
+/// True if we run as root.
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 fn install(a: &InstallArgs) -> Result<(), String> {
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         return Err(format!(
             "installing the crash handler writes {CORE_PATTERN}, which takes root: run sudo coreflect crash-handler install …"
         ));
@@ -428,7 +434,7 @@ fn install(a: &InstallArgs) -> Result<(), String> {
 }
 
 fn uninstall(a: &UninstallArgs) -> Result<(), String> {
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         return Err(format!(
             "restoring {CORE_PATTERN} takes root: run sudo coreflect crash-handler uninstall"
         ));
@@ -566,6 +572,7 @@ fn rotate(dir: &Path, max_files: usize, max_size: u64, keep: Option<&Path>) -> u
 /// Free bytes for unprivileged users, and the size of the filesystem holding `dir`.
 fn space(f: &File) -> Option<(u64, u64)> {
     use std::os::unix::io::AsRawFd;
+    // SAFETY: statvfs is plain integers: all zeros is a valid value.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: fstatvfs fills the valid, exclusively borrowed `s` for an open descriptor.
     if unsafe { libc::fstatvfs(f.as_raw_fd(), &mut s) } != 0 {
@@ -580,6 +587,7 @@ fn space(f: &File) -> Option<(u64, u64)> {
 /// `<comm>_<yymmdd_HHMMSS>.<pid>.core` with the crash time in local time.
 pub fn dump_name(comm: &str, pid: i64, time: i64) -> String {
     let t = time as libc::time_t;
+    // SAFETY: tm is integers and a nullable pointer: all zeros is a valid value.
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
     // SAFETY: localtime_r reads `t` and fills the valid, exclusively borrowed `tm`.
     unsafe { libc::localtime_r(&t, &mut tm) };

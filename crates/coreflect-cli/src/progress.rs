@@ -28,6 +28,7 @@ fn delay() -> Duration {
 
 /// The terminal's width in columns (80 if unknown).
 fn columns() -> usize {
+    // SAFETY: winsize is four integers: all zeros is a valid value.
     let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
     // SAFETY: TIOCGWINSZ writes one `winsize` into the valid, exclusively borrowed `ws`.
     let r = unsafe { libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut ws) };

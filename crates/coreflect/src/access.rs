@@ -251,8 +251,9 @@ mod tests {
     #[test]
     fn own_creds_are_readable() {
         let me = Creds::read(std::process::id() as Pid).unwrap();
-        assert_eq!(me.uid[0], unsafe { libc::getuid() });
-        assert_eq!(me.gid[1], unsafe { libc::getegid() });
+        // SAFETY: getuid/getegid have no preconditions and cannot fail.
+        let (uid, egid) = unsafe { (libc::getuid(), libc::getegid()) };
+        assert_eq!((me.uid[0], me.gid[1]), (uid, egid));
         assert!(same_user(&me, &me));
     }
 
