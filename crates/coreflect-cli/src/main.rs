@@ -3,8 +3,11 @@
 //! A thin layer over the `coreflect` library: argument parsing, signal handling, progress
 //! and reports. All the work is in the library.
 
+mod crash_handler;
 mod demo;
 mod info;
+mod man;
+mod progress;
 mod report;
 mod warden;
 mod watch;
@@ -23,9 +26,13 @@ use std::time::Duration;
     about = "Full core dumps of live Linux processes with a millisecond pause",
     long_about = "coreflect stops a process only long enough to capture its threads and create a \
 copy-on-write clone of it, lets it run again, and writes a complete ELF core (readable by gdb, \
-lldb and elfutils) from the frozen clone."
+lldb and elfutils) from the frozen clone.",
+    after_help = man::AFTER_HELP
 )]
-struct Cli {
+pub struct Cli {
+    /// More detail on stderr: phase timings and why each mapping is in the core (-vv: all).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -33,6 +40,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Dump a running process to an ELF core file.
+    #[command(after_help = man::DUMP_AFTER_HELP)]
     Dump(DumpArgs),
     /// Show what a core file (or a .zst of one) holds: process, threads, mappings, notes.
     Info(info::InfoArgs),
@@ -41,6 +49,18 @@ enum Cmd {
     Watch(watch::args::WatchArgs),
     /// Start a sample multi-threaded process, dump it, and show how to open the core.
     Demo(demo::DemoArgs),
+    /// Keep a core of every crash: coreflect as the kernel's core_pattern handler.
+    CrashHandler {
+        #[command(subcommand)]
+        cmd: crash_handler::CrashCmd,
+    },
+    /// Print the manual page (roff): coreflect man | man -l -
+    Man,
+    /// Print shell completions: coreflect completions bash|zsh|fish
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Run the built-in test target (used by the demo, the tests and the benchmarks).
     #[command(name = "__target", hide = true)]
     Target {
@@ -99,7 +119,7 @@ pub struct DumpArgs {
     /// coredump_filter bits to use instead of the target's (hex, e.g. 0x33); overrides --level.
     #[arg(long, value_parser = parse_hex)]
     filter: Option<u32>,
-    /// No progress display.
+    /// Print nothing but errors (no progress bar, no summary, no warnings).
     #[arg(short, long)]
     quiet: bool,
     /// Let the clone write its own memory into the core (one copy instead of three; its CPU
@@ -261,7 +281,7 @@ fn dump_in_warden(
     };
     // With the core on stdout, the report goes to stderr.
     let json_stdout = a.json && !to_stdout;
-    let mut progress = report::ProgressLine::new(!a.quiet && !a.json);
+    let mut progress = progress::Bar::new(!a.quiet && !a.json);
     match coreflect::dump(pid, &opts, &mut |d, t| progress.update(d, t)) {
         Ok(r) => {
             progress.clear();
@@ -276,7 +296,7 @@ fn dump_in_warden(
             }
             if a.json && to_stdout {
                 eprintln!("{}", report::report_json(&r));
-            } else {
+            } else if !a.quiet || a.json {
                 report::success(json_stdout, &r);
             }
             0
@@ -294,11 +314,15 @@ fn dump_in_warden(
 
 fn main() {
     let cli = Cli::parse();
+    progress::init_log(cli.verbose);
     let code = match &cli.cmd {
         Cmd::Dump(a) => run_dump(a),
         Cmd::Info(a) => info::run(a),
         Cmd::Watch(a) => watch::run(a),
         Cmd::Demo(a) => demo::run(a),
+        Cmd::CrashHandler { cmd } => crash_handler::run(cmd),
+        Cmd::Man => man::run_man(),
+        Cmd::Completions { shell } => man::run_completions(*shell),
         Cmd::Target { args } => match coreflect_target::TargetOptions::parse(args) {
             Ok(o) => coreflect_target::run(o),
             Err(e) => {

@@ -2,8 +2,7 @@
 
 use coreflect::DumpReport;
 use serde::Serialize;
-use std::io::{IsTerminal, Write};
-use std::time::Instant;
+use std::io::Write;
 
 /// Human-readable byte count.
 pub fn bytes(n: u64) -> String {
@@ -189,56 +188,6 @@ pub fn error(json: bool, err: &coreflect::Error) {
     eprintln!("coreflect: error: {text}");
     if json {
         println!("{}", serde_json::json!({ "error": text }));
-    }
-}
-
-/// A one-line progress display on a terminal.
-pub struct ProgressLine {
-    on: bool,
-    start: Instant,
-    last: Option<Instant>,
-}
-
-impl ProgressLine {
-    /// A display that shows only if `want` and stderr is a terminal.
-    pub fn new(want: bool) -> Self {
-        ProgressLine {
-            on: want && std::io::stderr().is_terminal(),
-            start: Instant::now(),
-            last: None,
-        }
-    }
-
-    /// Shows `done` of `total`; always returns `true` (it never cancels).
-    pub fn update(&mut self, done: u64, total: u64) -> bool {
-        if !self.on {
-            return true;
-        }
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|l| now.duration_since(l).as_millis() < 100)
-            && done < total
-        {
-            return true;
-        }
-        self.last = Some(now);
-        let secs = now.duration_since(self.start).as_secs_f64().max(1e-3);
-        eprint!(
-            "\r  writing {:>5.1}%  {} / {}  {}/s   ",
-            100.0 * done as f64 / total.max(1) as f64,
-            bytes(done),
-            bytes(total),
-            bytes((done as f64 / secs) as u64)
-        );
-        true
-    }
-
-    /// Removes the line.
-    pub fn clear(&mut self) {
-        if self.on && self.last.is_some() {
-            eprint!("\r{:60}\r", "");
-        }
     }
 }
 

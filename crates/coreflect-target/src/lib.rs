@@ -815,6 +815,12 @@ pub fn run(o: TargetOptions) -> ! {
                     println!("FORK us={us}");
                     std::io::stdout().flush().ok();
                 }
+                Ok("segv") => {
+                    // A real crash (for the post-mortem handler's test): a write through a
+                    // null pointer, which the kernel turns into SIGSEGV and a core.
+                    // SAFETY: not safe on purpose: the fault is the point; nothing runs after it.
+                    unsafe { std::ptr::write_volatile(std::ptr::null_mut::<u64>(), 1) };
+                }
                 Ok(other) => {
                     drive::command(other);
                 }

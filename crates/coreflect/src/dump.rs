@@ -7,6 +7,7 @@ use crate::elf::writer::{StreamSink, WriteStats};
 use crate::error::{Error, Pid, Result};
 use crate::level::Level;
 use crate::output::OutputFile;
+use crate::select::KernelPolicy;
 use crate::snapshot::{Mode, Options, PauseBreakdown, Phase};
 use crate::Snapshot;
 use std::path::PathBuf;
@@ -93,7 +94,19 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
     } else {
         Some(OutputFile::create(&opts.output, opts.overwrite)?)
     };
+    tracing::debug!("output prepared in {:.2} ms", ms(t0));
+    let t = Instant::now();
     let mut snap = Snapshot::capture(pid, &opts.snapshot)?;
+    log_capture(&snap, t);
+    if opts.level == Level::Default || opts.filter.is_some() {
+        crate::explain::log_plan(
+            &snap,
+            &KernelPolicy {
+                filter: opts.filter.unwrap_or(snap.process().coredump_filter),
+            },
+        );
+    }
+    let t = Instant::now();
     let segs = crate::level::plan(&snap, opts.level, opts.filter);
     let direct = opts.snapshot.direct_write && out.is_some() && opts.compress.is_none();
     let mut notes = snap.notes();
@@ -181,6 +194,15 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
             },
             e => e,
         })?;
+    tracing::debug!(
+        "core written in {:.2} ms: {} bytes of data, {} left as holes (never populated), {} as zero pages, {} by the clone itself",
+        ms(t),
+        stats.bytes_written,
+        stats.unpopulated_bytes,
+        stats.zero_bytes,
+        stats.written_by_clone
+    );
+    let t = Instant::now();
     let mode = snap.mode();
     let threads = snap.threads().len();
     let segments = snap.mappings().len();
@@ -223,6 +245,11 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
     warnings.extend(w);
     pause.reap_us = reap_us.unwrap_or(0);
     let path = path?;
+    tracing::debug!(
+        "named {} and the clone reaped in {:.2} ms",
+        path.display(),
+        ms(t)
+    );
     Ok(DumpReport {
         pid,
         path,
@@ -344,4 +371,27 @@ pub fn write_core_zstd<W: std::io::Write>(
         .map_err(|e| Error::io("finishing the zstd frame", e))?;
     std::io::Write::flush(&mut counter).map_err(|e| Error::io("writing the core", e))?;
     Ok((st, counter.n))
+}
+
+/// Milliseconds since `t`.
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// The `-v` line for the snapshot: how long it took and where the pause went.
+fn log_capture(snap: &Snapshot, t: Instant) {
+    let p = snap.pause();
+    tracing::debug!(
+        "snapshot ({}, {} threads, {} mappings) taken in {:.2} ms; target paused {:.2} ms: stop {:.2} ms, clone {:.2} ms, release {:.2} ms, registers {:.2} ms (estimated {:.2} ms)",
+        snap.mode().as_str(),
+        snap.threads().len(),
+        snap.mappings().len(),
+        ms(t),
+        p.total_us as f64 / 1e3,
+        p.stop_us as f64 / 1e3,
+        p.clone_us as f64 / 1e3,
+        p.release_us as f64 / 1e3,
+        p.capture_us as f64 / 1e3,
+        p.estimate_us as f64 / 1e3
+    );
 }

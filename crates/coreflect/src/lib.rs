@@ -61,6 +61,7 @@
 #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
 compile_error!("coreflect supports Linux on x86_64 only");
 
+pub mod access;
 #[doc(hidden)]
 pub mod arch;
 #[doc(hidden)]
@@ -68,6 +69,8 @@ pub mod direct;
 pub mod dump;
 pub mod elf;
 pub mod error;
+#[doc(hidden)]
+pub mod explain;
 #[doc(hidden)]
 pub mod inject;
 pub mod inspect;

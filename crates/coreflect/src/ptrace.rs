@@ -259,23 +259,8 @@ pub fn wait_until(tid: Pid, deadline: Instant) -> Result<Option<WaitStatus>> {
     }
 }
 
-/// The advice given when ptrace or /proc access is refused.
-pub fn permission_hint() -> String {
-    let mut h = String::from(
-        "run coreflect as the target's user with ptrace permitted, or as root / with CAP_SYS_PTRACE",
-    );
-    if let Ok(s) = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope") {
-        let s = s.trim();
-        h.push_str(&format!(
-            "; /proc/sys/kernel/yama/ptrace_scope is {s} ({})",
-            match s {
-                "0" => "same-user tracing allowed",
-                "1" => "only descendants may be traced without CAP_SYS_PTRACE: run as root, or set it to 0",
-                "2" => "only CAP_SYS_PTRACE may trace: run as root",
-                "3" => "ptrace is disabled until reboot",
-                _ => "unknown",
-            }
-        ));
-    }
-    h
+/// The advice given when ptrace or /proc access to `pid` is refused: which setting blocks
+/// it and the options (see [`crate::access::diagnose`]).
+pub fn permission_hint(pid: Pid) -> String {
+    crate::access::diagnose(pid)
 }

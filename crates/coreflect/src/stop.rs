@@ -430,7 +430,7 @@ pub fn seize_refused(pid: Pid, tid: Pid) -> Error {
         Error::PermissionDenied {
             pid,
             what: "ptrace",
-            hint: ptrace::permission_hint(),
+            hint: ptrace::permission_hint(pid),
         }
     }
 }

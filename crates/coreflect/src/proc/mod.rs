@@ -43,7 +43,7 @@ pub fn proc_error(pid: Pid, path: PathBuf, e: std::io::Error) -> Error {
         Some(libc::EACCES) | Some(libc::EPERM) => Error::PermissionDenied {
             pid,
             what: "read /proc of",
-            hint: crate::ptrace::permission_hint(),
+            hint: crate::ptrace::permission_hint(pid),
         },
         _ => Error::Proc { path, source: e },
     }
