@@ -82,6 +82,9 @@ pub struct DumpReport {
 ///     output: "/var/tmp/app.core".into(),
 ///     overwrite: false,
 ///     filter: None, // the target's own coredump_filter
+///     level: coreflect::Level::Default,
+///     compress: None, // or Some(3): one zstd frame at level 3
+///     stdout: false,
 /// };
 /// let report = coreflect::dump(1234, &opts, &mut |_done, _total| true)?;
 /// println!("paused {} µs, wrote {} bytes", report.pause.total_us, report.bytes_written);
