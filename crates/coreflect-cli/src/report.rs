@@ -23,6 +23,28 @@ pub fn json_str(s: &str) -> String {
     o
 }
 
+/// A string made safe for one line of text on a terminal: control characters (newlines,
+/// escape sequences, C1 controls) are shown escaped, as `\n`, `\t`, `\r`, `\e`,
+/// `\x7f`, `\u{9b}`, so a path or a mapping's name can neither split a message in two
+/// nor drive the terminal.
+pub fn text(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for ch in s.chars() {
+        match ch {
+            '\n' => o.push_str("\\n"),
+            '\r' => o.push_str("\\r"),
+            '\t' => o.push_str("\\t"),
+            '\x1b' => o.push_str("\\e"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                o.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c if c.is_control() => o.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
 /// Human-readable byte count.
 pub fn bytes(n: u64) -> String {
     let f = n as f64;
@@ -46,7 +68,7 @@ pub fn report_json(r: &DumpReport) -> String {
     let p = &r.pause;
     let warnings: Vec<String> = r.warnings.iter().map(|w| json_str(w)).collect();
     format!(
-        "{{\"pid\":{},\"path\":{},\"mode\":{},\"threads\":{},\"segments\":{},\"pause_us\":{},\"pause\":{{\"stop_us\":{},\"capture_us\":{},\"clone_us\":{},\"release_us\":{},\"estimate_us\":{},\"started_ns\":{}}},\"bytes_written\":{},\"file_size\":{},\"unpopulated_bytes\":{},\"zero_bytes\":{},\"written_by_clone\":{},\"duration_ms\":{},\"warnings\":[{}]}}",
+        "{{\"pid\":{},\"path\":{},\"mode\":{},\"threads\":{},\"segments\":{},\"pause_us\":{},\"pause\":{{\"stop_us\":{},\"capture_us\":{},\"clone_us\":{},\"release_us\":{},\"estimate_us\":{},\"started_ns\":{}}},\"bytes_written\":{},\"file_size\":{},\"unpopulated_bytes\":{},\"zero_bytes\":{},\"written_by_clone\":{},\"live_bytes\":{},\"duration_ms\":{},\"warnings\":[{}]}}",
         r.pid,
         json_str(&r.path.display().to_string()),
         json_str(r.mode.as_str()),
@@ -64,6 +86,7 @@ pub fn report_json(r: &DumpReport) -> String {
         r.unpopulated_bytes,
         r.zero_bytes,
         r.written_by_clone,
+        r.live_bytes,
         r.duration_ms,
         warnings.join(",")
     )
@@ -77,7 +100,12 @@ pub fn success(json: bool, r: &DumpReport) {
     }
     let p = &r.pause;
     let mut e = std::io::stderr().lock();
-    let _ = writeln!(e, "coreflect: dumped pid {} to {}", r.pid, r.path.display());
+    let _ = writeln!(
+        e,
+        "coreflect: dumped pid {} to {}",
+        r.pid,
+        text(&r.path.display().to_string())
+    );
     let _ = writeln!(
         e,
         "  mode {}, {} threads, {} mappings",
@@ -118,14 +146,21 @@ pub fn success(json: bool, r: &DumpReport) {
             String::new()
         }
     );
+    if r.live_bytes > 0 {
+        let _ = writeln!(
+            e,
+            "  {} read live, not frozen (shared memory the target kept using)",
+            bytes(r.live_bytes)
+        );
+    }
     for w in &r.warnings {
-        let _ = writeln!(e, "  warning: {w}");
+        let _ = writeln!(e, "  warning: {}", text(w));
     }
 }
 
 /// Prints an error: one line on stderr (and a JSON object on stdout with `--json`).
 pub fn error(json: bool, err: &coreflect::Error) {
-    eprintln!("coreflect: error: {err}");
+    eprintln!("coreflect: error: {}", text(&err.to_string()));
     if json {
         println!("{{\"error\":{}}}", json_str(&err.to_string()));
     }

@@ -71,6 +71,8 @@ pub struct TargetOptions {
     pub dontfork_kib: usize,
     /// Split a reservation into this many separate mappings (0: none).
     pub many_maps: usize,
+    /// Size of a `MAP_SHARED` anonymous (shmem) region (KiB), 0 for none.
+    pub shared_kib: usize,
 }
 
 impl Default for TargetOptions {
@@ -94,6 +96,7 @@ impl Default for TargetOptions {
             non_dumpable: false,
             dontfork_kib: 0,
             many_maps: 0,
+            shared_kib: 0,
         }
     }
 }
@@ -126,6 +129,7 @@ impl TargetOptions {
                 "--non-dumpable" => o.non_dumpable = true,
                 "--dontfork-kib" => o.dontfork_kib = num(a)?,
                 "--many-maps" => o.many_maps = num(a)?,
+                "--shared-kib" => o.shared_kib = num(a)?,
                 "--exit-after-ms" => o.exit_after_ms = num(a)? as u64,
                 "--exec-after-ms" => o.exec_after_ms = num(a)? as u64,
                 other => return Err(format!("unknown option {other}")),
@@ -474,6 +478,22 @@ pub fn run(o: TargetOptions) -> ! {
             assert_eq!(libc::madvise(p as *mut _, n, libc::MADV_DONTFORK), 0);
         }
         extra += &format!(" dof_addr={p:#x} dof_len={n}");
+    }
+    if o.shared_kib > 0 {
+        let n = o.shared_kib << 10;
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                n,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "mmap MAP_SHARED");
+        unsafe { std::ptr::write_bytes(p as *mut u8, 0xE5, n) };
+        extra += &format!(" shm_addr={:#x} shm_len={n}", p as usize);
     }
     if o.many_maps > 0 {
         // Alternate protections page by page: every page becomes a mapping of its own.

@@ -84,7 +84,7 @@ pub enum Error {
         pid: Pid,
     },
     /// A thread did not stop within the time allowed.
-    #[error("thread {tid} of pid {pid} did not stop within {millis} ms (state {state}); it may be in uninterruptible sleep (D state): try again later, or raise --stop-timeout")]
+    #[error("thread {tid} of pid {pid} did not stop within {millis} ms (state {state}: {}): {}", state_meaning(.state), state_advice(.state))]
     StopTimeout {
         /// The target.
         pid: Pid,
@@ -209,5 +209,56 @@ impl Error {
             | Error::Io { source, .. } => source.raw_os_error(),
             _ => None,
         }
+    }
+}
+
+/// What a thread state letter from `/proc/PID/task/TID/stat` means (proc(5)).
+pub fn state_meaning(state: &str) -> &'static str {
+    match state {
+        "R" => "running",
+        "S" => "sleeping in an interruptible wait",
+        "D" => "in uninterruptible sleep, waiting in the kernel (disk or network I/O, a vfork child)",
+        "t" => "in a tracing stop, i.e. stopping for coreflect itself, but the stop had not been reported yet",
+        "T" => "stopped by a job-control signal",
+        "Z" => "a zombie: it has exited",
+        "X" | "x" => "dead",
+        "W" => "waking",
+        "P" => "parked",
+        "I" => "idle",
+        "K" => "wakekill",
+        _ => "unknown",
+    }
+}
+
+/// What to do when a thread in `state` did not stop in time.
+fn state_advice(state: &str) -> &'static str {
+    match state {
+        "D" => "it stops once the kernel call it waits in returns: try again later, or raise --stop-timeout",
+        "Z" | "X" | "x" => "it is exiting: try again",
+        _ => "raise --stop-timeout",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_timeout_names_the_state_it_saw() {
+        let e = |state: &str| {
+            Error::StopTimeout {
+                pid: 1,
+                tid: 2,
+                millis: 0,
+                state: state.into(),
+            }
+            .to_string()
+        };
+        assert!(e("D").contains("uninterruptible sleep"), "{}", e("D"));
+        for s in ["t", "R", "S", "T", "?"] {
+            assert!(!e(s).contains("uninterruptible"), "{}", e(s));
+            assert!(e(s).contains("raise --stop-timeout"), "{}", e(s));
+        }
+        assert!(e("t").contains("tracing stop"), "{}", e("t"));
     }
 }

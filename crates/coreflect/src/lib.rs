@@ -25,6 +25,7 @@
 compile_error!("coreflect supports Linux on x86_64 only");
 
 pub mod arch;
+pub mod calibrate;
 pub mod direct;
 pub mod dump;
 pub mod elf;

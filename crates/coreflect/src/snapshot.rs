@@ -403,17 +403,25 @@ fn reflect_blocker(p: &ProcessInfo, maps: &[Mapping]) -> std::result::Result<u32
     Ok(0)
 }
 
-/// The pause a snapshot of this process is expected to cost. The clone copies the page
-/// tables of anonymous memory: ~15 ms per GiB mapped with 4 KiB pages, ~1 ms per GiB of
-/// transparent huge pages (measured on 2-vCPU KVM guests); stopping, capturing and
-/// releasing cost ~17 µs per thread. In suspend mode the target is stopped for the whole
-/// write (~1.5 GB/s).
+/// The pause a snapshot of this process is expected to cost. The clone costs what a fork
+/// of the target costs — a fixed part plus copying the page tables of its anonymous
+/// memory, per GiB in 4 KiB pages and per GiB of transparent huge pages — as calibrated on
+/// this machine ([`crate::calibrate::fork_cost`]); stopping, capturing and releasing cost
+/// ~17 µs per thread. In suspend mode the target is stopped for the whole write
+/// (~1.5 GB/s).
 pub fn estimate_pause(status: &proc::Status, maps: &[Mapping], mode: Mode) -> Duration {
     let anon: u64 = maps.iter().map(|m| m.anonymous_kb).sum();
     let huge: u64 = maps.iter().map(|m| m.anon_huge_kb).sum::<u64>().min(anon);
     let us = match mode {
         Mode::Suspend => 1000 + status.vm_rss_kb * 2 / 3, // 1 KiB at 1.5 GB/s is ~0.68 µs
-        _ => 300 + 17 * status.threads as u64 + (anon - huge) * 15 / 1024 + huge / 1024,
+        _ => {
+            let c = crate::calibrate::fork_cost();
+            let gib = |kb: u64| kb as f64 / (1u64 << 20) as f64;
+            (c.fixed_us
+                + 17.0 * status.threads as f64
+                + gib(anon - huge) * c.per_gib_4k_us
+                + gib(huge) * c.per_gib_thp_us) as u64
+        }
     };
     Duration::from_micros(us)
 }
@@ -462,7 +470,7 @@ impl Snapshot {
             0 => process,
             _ => preflight(pid)?,
         };
-        let mut warnings = Vec::new();
+        let mut warnings: Vec<String> = lock.warning().map(str::to_owned).into_iter().collect();
         let target_maps = proc::maps::read_smaps(pid)?;
         let target_mem = ProcMem::open(pid)?;
         let mut mode = opts.mode;
