@@ -23,6 +23,8 @@ pub struct ForkCost {
     pub per_gib_4k_us: f64,
     /// Cost per GiB of transparent huge pages, in µs.
     pub per_gib_thp_us: f64,
+    /// Cost per mapping (VMA), in µs.
+    pub per_map_us: f64,
 }
 
 impl ForkCost {
@@ -31,12 +33,15 @@ impl ForkCost {
         fixed_us: 300.0,
         per_gib_4k_us: 15_000.0,
         per_gib_thp_us: 1_000.0,
+        per_map_us: 1.0,
     };
 }
 
 /// Memory the helper touches in 4 KiB pages, and in huge pages.
 const SMALL_MIB: usize = 64;
-const HUGE_MIB: usize = 128;
+const HUGE_MIB: usize = 256;
+/// Separate mappings the helper makes for the per-mapping cost.
+const MAPS: usize = 2048;
 /// Forks timed per measurement (the median is kept).
 const FORKS: usize = 7;
 /// How long a cached calibration is trusted.
@@ -121,10 +126,42 @@ fn touch(mib: usize, huge: bool) -> bool {
     true
 }
 
+/// Maps `MAPS` one-page mappings (alternating protections, so they stay separate), each
+/// touched; returns false if it could not.
+fn many_maps() -> bool {
+    let len = MAPS * 4096;
+    // SAFETY: a fresh private anonymous mapping.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return false;
+    }
+    for i in 0..MAPS {
+        let a = p as usize + i * 4096;
+        // SAFETY: within the mapping, which is writable until the mprotect below.
+        unsafe { std::ptr::write_volatile(a as *mut u8, 1) };
+        if i % 2 == 1 {
+            // SAFETY: one page of our mapping.
+            if unsafe { libc::mprotect(a as *mut libc::c_void, 4096, libc::PROT_READ) } != 0 {
+                return false;
+            }
+        }
+    }
+    true
+}
+
 /// Runs the measurement in a helper process (so that coreflect's own memory, threads and
 /// mappings do not count): returns (bare, 4 KiB, THP) median fork times in ns, THP 0 when
-/// unavailable.
-fn measure(thp: bool) -> Option<[u64; 3]> {
+/// unavailable, and with `MAPS` more mappings.
+fn measure(thp: bool) -> Option<[u64; 4]> {
     let mut fds = [0i32; 2];
     // SAFETY: `fds` receives two descriptors.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -148,7 +185,8 @@ fn measure(thp: bool) -> Option<[u64; 3]> {
             } else {
                 0
             };
-            let out = [bare, small, huge];
+            let maps = if many_maps() { time_forks() } else { 0 };
+            let out = [bare, small, huge, maps];
             libc::write(
                 fds[1],
                 out.as_ptr() as *const libc::c_void,
@@ -164,7 +202,7 @@ fn measure(thp: bool) -> Option<[u64; 3]> {
         unsafe { libc::close(fds[0]) };
         return None;
     }
-    let mut buf = [0u8; 24];
+    let mut buf = [0u8; 32];
     let mut n = 0;
     while n < buf.len() {
         // SAFETY: reads into the rest of `buf`.
@@ -194,14 +232,26 @@ fn measure(thp: bool) -> Option<[u64; 3]> {
         return None;
     }
     let v = |i: usize| u64::from_ne_bytes(buf[i * 8..i * 8 + 8].try_into().unwrap());
-    Some([v(0), v(1), v(2)])
+    Some([v(0), v(1), v(2), v(3)])
 }
 
-/// Turns fork times into costs.
-fn model(bare_ns: u64, small_ns: u64, huge_ns: u64, huge_pages_used: bool) -> Option<ForkCost> {
+/// Turns fork times (ns: bare, with the 4 KiB region, then also the THP region, then also
+/// the mappings) into costs.
+fn model(t: [u64; 4], huge_pages_used: bool) -> Option<ForkCost> {
+    let [bare_ns, small_ns, huge_ns, maps_ns] = t;
     if bare_ns == 0 || small_ns <= bare_ns {
         return None;
     }
+    let before_maps = if huge_pages_used && huge_ns > 0 {
+        huge_ns
+    } else {
+        small_ns
+    };
+    let per_map = if maps_ns > before_maps {
+        (maps_ns - before_maps) as f64 / 1e3 / MAPS as f64
+    } else {
+        ForkCost::FALLBACK.per_map_us
+    };
     let per_gib_4k = (small_ns - bare_ns) as f64 / 1e3 * (1024.0 / SMALL_MIB as f64);
     let per_gib_thp = if huge_pages_used && huge_ns > small_ns {
         // The THP helper still holds the 4 KiB region.
@@ -213,6 +263,7 @@ fn model(bare_ns: u64, small_ns: u64, huge_ns: u64, huge_pages_used: bool) -> Op
         fixed_us: bare_ns as f64 / 1e3,
         per_gib_4k_us: per_gib_4k,
         per_gib_thp_us: per_gib_thp,
+        per_map_us: per_map,
     })
 }
 
@@ -266,10 +317,11 @@ fn load(path: &std::path::Path, key: &str) -> Option<ForkCost> {
         .split_whitespace()
         .filter_map(|w| w.parse().ok())
         .collect();
-    (v.len() == 3 && v.iter().all(|x| x.is_finite() && *x > 0.0)).then(|| ForkCost {
+    (v.len() == 4 && v.iter().all(|x| x.is_finite() && *x > 0.0)).then(|| ForkCost {
         fixed_us: v[0],
         per_gib_4k_us: v[1],
         per_gib_thp_us: v[2],
+        per_map_us: v[3],
     })
 }
 
@@ -289,8 +341,8 @@ fn store(path: &std::path::Path, key: &str, c: &ForkCost) {
         .and_then(|mut f| {
             writeln!(
                 f,
-                "{key}\n{:.1} {:.1} {:.1}",
-                c.fixed_us, c.per_gib_4k_us, c.per_gib_thp_us
+                "{key}\n{:.1} {:.1} {:.1} {:.3}",
+                c.fixed_us, c.per_gib_4k_us, c.per_gib_thp_us, c.per_map_us
             )
         });
     if written.is_err() || std::fs::rename(&tmp, path).is_err() {
@@ -310,7 +362,7 @@ pub fn fork_cost() -> ForkCost {
         }
         let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
             .is_ok_and(|s| !s.contains("[never]"));
-        let Some(c) = measure(thp).and_then(|[b, s, h]| model(b, s, h, thp)) else {
+        let Some(c) = measure(thp).and_then(|t| model(t, thp)) else {
             return ForkCost::FALLBACK;
         };
         if let Some(p) = &path {
@@ -326,20 +378,23 @@ mod tests {
 
     #[test]
     fn the_model_from_fork_times() {
-        // 0.2 ms bare, +1 ms for 64 MiB of 4K pages, +0.5 ms for 128 MiB of THP.
-        let c = model(200_000, 1_200_000, 1_700_000, true).unwrap();
+        // 0.2 ms bare, +1 ms for 64 MiB of 4K pages, +1 ms for 256 MiB of THP, +2.048 ms
+        // for 2048 mappings.
+        let c = model([200_000, 1_200_000, 2_200_000, 4_248_000], true).unwrap();
         assert_eq!(c.fixed_us, 200.0);
         assert_eq!(c.per_gib_4k_us, 16_000.0);
         assert_eq!(c.per_gib_thp_us, 4_000.0);
-        assert!(model(200_000, 100_000, 0, true).is_none());
-        let c = model(200_000, 1_200_000, 0, false).unwrap();
+        assert!((c.per_map_us - 1.0).abs() < 1e-9);
+        assert!(model([200_000, 100_000, 0, 0], true).is_none());
+        let c = model([200_000, 1_200_000, 0, 0], false).unwrap();
         assert!((c.per_gib_thp_us - 16_000.0 / 15.0).abs() < 1e-6);
+        assert_eq!(c.per_map_us, ForkCost::FALLBACK.per_map_us);
     }
 
     #[test]
     fn a_measurement_gives_plausible_costs() {
         // Not a timing assertion: only that the helper ran and reported ordered times.
-        let [bare, small, _] = measure(false).expect("the calibration helper ran");
+        let [bare, small, _, _] = measure(false).expect("the calibration helper ran");
         assert!(bare > 0 && small > 0);
     }
 
@@ -351,6 +406,7 @@ mod tests {
             fixed_us: 250.0,
             per_gib_4k_us: 20_000.0,
             per_gib_thp_us: 900.0,
+            per_map_us: 1.5,
         };
         store(&p, "k1", &c);
         assert_eq!(load(&p, "k1"), Some(c));
