@@ -37,8 +37,11 @@ impl ForkCost {
     };
 }
 
-/// Memory the helper touches in 4 KiB pages, and in huge pages.
+/// Memory the helper touches in 4 KiB pages, first `SMALL_MIB` then up to `LARGE_MIB`
+/// (the cost per page grows with the page tables' size: page structures stop fitting in the
+/// caches, so the rate is taken between the two), then in huge pages.
 const SMALL_MIB: usize = 64;
+const LARGE_MIB: usize = 256;
 const HUGE_MIB: usize = 256;
 /// Separate mappings the helper makes for the per-mapping cost.
 const MAPS: usize = 2048;
@@ -158,10 +161,55 @@ fn many_maps() -> bool {
     true
 }
 
+/// The helper's `AnonHugePages` in KiB, read with raw system calls only.
+fn anon_huge_kb() -> u64 {
+    let mut buf = [0u8; 4096];
+    // SAFETY: a NUL-terminated path; the descriptor is closed below.
+    let fd = unsafe {
+        libc::open(
+            c"/proc/self/smaps_rollup".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return 0;
+    }
+    let mut n = 0;
+    while n < buf.len() {
+        // SAFETY: reads into the rest of `buf`.
+        let r = unsafe {
+            libc::read(
+                fd,
+                buf[n..].as_mut_ptr() as *mut libc::c_void,
+                buf.len() - n,
+            )
+        };
+        if r <= 0 {
+            break;
+        }
+        n += r as usize;
+    }
+    // SAFETY: ours, closed once.
+    unsafe { libc::close(fd) };
+    parse_kb(&buf[..n], b"AnonHugePages:")
+}
+
+/// The number after `key` in a /proc text, without allocating.
+fn parse_kb(text: &[u8], key: &[u8]) -> u64 {
+    let Some(at) = text.windows(key.len()).position(|w| w == key) else {
+        return 0;
+    };
+    text[at + key.len()..]
+        .iter()
+        .skip_while(|b| **b == b' ' || **b == b'\t')
+        .take_while(|b| b.is_ascii_digit())
+        .fold(0, |v, b| v * 10 + (b - b'0') as u64)
+}
+
 /// Runs the measurement in a helper process (so that coreflect's own memory, threads and
 /// mappings do not count): returns (bare, 4 KiB, THP) median fork times in ns, THP 0 when
 /// unavailable, and with `MAPS` more mappings.
-fn measure(thp: bool) -> Option<[u64; 4]> {
+fn measure(thp: bool) -> Option<[u64; 6]> {
     let mut fds = [0i32; 2];
     // SAFETY: `fds` receives two descriptors.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -180,13 +228,18 @@ fn measure(thp: bool) -> Option<[u64; 4]> {
             } else {
                 0
             };
-            let huge = if thp && touch(HUGE_MIB, true) {
+            let large = if touch(LARGE_MIB - SMALL_MIB, false) {
                 time_forks()
             } else {
                 0
             };
+            let (huge, huge_kb) = if thp && touch(HUGE_MIB, true) {
+                (time_forks(), anon_huge_kb())
+            } else {
+                (0, 0)
+            };
             let maps = if many_maps() { time_forks() } else { 0 };
-            let out = [bare, small, huge, maps];
+            let out = [bare, small, large, huge, huge_kb, maps];
             libc::write(
                 fds[1],
                 out.as_ptr() as *const libc::c_void,
@@ -202,7 +255,7 @@ fn measure(thp: bool) -> Option<[u64; 4]> {
         unsafe { libc::close(fds[0]) };
         return None;
     }
-    let mut buf = [0u8; 32];
+    let mut buf = [0u8; 48];
     let mut n = 0;
     while n < buf.len() {
         // SAFETY: reads into the rest of `buf`.
@@ -232,35 +285,42 @@ fn measure(thp: bool) -> Option<[u64; 4]> {
         return None;
     }
     let v = |i: usize| u64::from_ne_bytes(buf[i * 8..i * 8 + 8].try_into().unwrap());
-    Some([v(0), v(1), v(2), v(3)])
+    Some([v(0), v(1), v(2), v(3), v(4), v(5)])
 }
 
-/// Turns fork times (ns: bare, with the 4 KiB region, then also the THP region, then also
-/// the mappings) into costs.
-fn model(t: [u64; 4], huge_pages_used: bool) -> Option<ForkCost> {
-    let [bare_ns, small_ns, huge_ns, maps_ns] = t;
-    if bare_ns == 0 || small_ns <= bare_ns {
+/// Turns the helper's fork times (ns: bare; with `SMALL_MIB`, then `LARGE_MIB` of 4 KiB
+/// pages; then also `HUGE_MIB` asked for in huge pages, of which it got `huge_kb` KiB; then
+/// also `MAPS` mappings) into costs.
+fn model(t: [u64; 6]) -> Option<ForkCost> {
+    let [bare, small, large, huge, huge_kb, maps] = t;
+    if bare == 0 || small <= bare {
         return None;
     }
-    let before_maps = if huge_pages_used && huge_ns > 0 {
-        huge_ns
+    let per_gib = |ns: u64, mib: usize| ns as f64 / 1e3 * (1024.0 / mib as f64);
+    let per_gib_4k = if large > small {
+        per_gib(large - small, LARGE_MIB - SMALL_MIB)
     } else {
-        small_ns
+        per_gib(small - bare, SMALL_MIB)
     };
-    let per_map = if maps_ns > before_maps {
-        (maps_ns - before_maps) as f64 / 1e3 / MAPS as f64
+    let base = large.max(small);
+    // Whatever of the huge region did not get huge pages costs as 4 KiB pages.
+    let region_kb = (HUGE_MIB as u64) << 10;
+    let per_gib_thp = if huge > base && huge_kb >= region_kb / 4 {
+        let small_part_us =
+            (region_kb - huge_kb.min(region_kb)) as f64 / (1u64 << 20) as f64 * per_gib_4k;
+        let huge_us = ((huge - base) as f64 / 1e3 - small_part_us).max(0.0);
+        (huge_us / (huge_kb as f64 / (1u64 << 20) as f64)).max(per_gib_4k / 64.0)
+    } else {
+        per_gib_4k / 20.0
+    };
+    let before_maps = if huge > 0 { huge } else { base };
+    let per_map = if maps > before_maps {
+        (maps - before_maps) as f64 / 1e3 / MAPS as f64
     } else {
         ForkCost::FALLBACK.per_map_us
     };
-    let per_gib_4k = (small_ns - bare_ns) as f64 / 1e3 * (1024.0 / SMALL_MIB as f64);
-    let per_gib_thp = if huge_pages_used && huge_ns > small_ns {
-        // The THP helper still holds the 4 KiB region.
-        ((huge_ns - small_ns) as f64 / 1e3 * (1024.0 / HUGE_MIB as f64)).max(per_gib_4k / 64.0)
-    } else {
-        per_gib_4k / 15.0
-    };
     Some(ForkCost {
-        fixed_us: bare_ns as f64 / 1e3,
+        fixed_us: bare as f64 / 1e3,
         per_gib_4k_us: per_gib_4k,
         per_gib_thp_us: per_gib_thp,
         per_map_us: per_map,
@@ -362,7 +422,7 @@ pub fn fork_cost() -> ForkCost {
         }
         let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
             .is_ok_and(|s| !s.contains("[never]"));
-        let Some(c) = measure(thp).and_then(|t| model(t, thp)) else {
+        let Some(c) = measure(thp).and_then(model) else {
             return ForkCost::FALLBACK;
         };
         if let Some(p) = &path {
@@ -378,23 +438,31 @@ mod tests {
 
     #[test]
     fn the_model_from_fork_times() {
-        // 0.2 ms bare, +1 ms for 64 MiB of 4K pages, +1 ms for 256 MiB of THP, +2.048 ms
-        // for 2048 mappings.
-        let c = model([200_000, 1_200_000, 2_200_000, 4_248_000], true).unwrap();
+        // 0.2 ms bare; +0.5 ms for the first 64 MiB of 4K pages, +3 ms for the next 192 MiB
+        // (16 ms/GiB); +1 ms for 256 MiB of THP, all huge; +2.048 ms for 2048 mappings.
+        let c = model([200_000, 700_000, 3_700_000, 4_700_000, 256 << 10, 6_748_000]).unwrap();
         assert_eq!(c.fixed_us, 200.0);
         assert_eq!(c.per_gib_4k_us, 16_000.0);
         assert_eq!(c.per_gib_thp_us, 4_000.0);
         assert!((c.per_map_us - 1.0).abs() < 1e-9);
-        assert!(model([200_000, 100_000, 0, 0], true).is_none());
-        let c = model([200_000, 1_200_000, 0, 0], false).unwrap();
-        assert!((c.per_gib_thp_us - 16_000.0 / 15.0).abs() < 1e-6);
+        // Half the huge region in 4K pages: 128 MiB of it costs 2 ms at 16 ms/GiB.
+        let c = model([200_000, 700_000, 3_700_000, 6_200_000, 128 << 10, 0]).unwrap();
+        assert!((c.per_gib_thp_us - 4_000.0).abs() < 1e-6, "{c:?}");
         assert_eq!(c.per_map_us, ForkCost::FALLBACK.per_map_us);
+        // No huge pages at all: a ratio of the 4K cost.
+        let c = model([200_000, 700_000, 3_700_000, 0, 0, 0]).unwrap();
+        assert!((c.per_gib_thp_us - 800.0).abs() < 1e-6);
+        assert!(model([200_000, 100_000, 0, 0, 0, 0]).is_none());
+        assert_eq!(
+            parse_kb(b"Rss: 5 kB\nAnonHugePages:  2048 kB\n", b"AnonHugePages:"),
+            2048
+        );
     }
 
     #[test]
     fn a_measurement_gives_plausible_costs() {
         // Not a timing assertion: only that the helper ran and reported ordered times.
-        let [bare, small, _, _] = measure(false).expect("the calibration helper ran");
+        let [bare, small, ..] = measure(false).expect("the calibration helper ran");
         assert!(bare > 0 && small > 0);
     }
 

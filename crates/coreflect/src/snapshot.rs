@@ -411,7 +411,7 @@ const PTRACE_FIXED_US: f64 = 250.0;
 /// of the target costs — a fixed part, a part per mapping, plus copying the page tables of
 /// its anonymous memory, per GiB in 4 KiB pages and per GiB of transparent huge pages — as
 /// calibrated on this machine ([`crate::calibrate::fork_cost`]); stopping, capturing and
-/// releasing cost ~0.25 ms plus ~17 µs per thread. In suspend mode the target is stopped for the whole write
+/// releasing cost ~0.25 ms plus ~12 µs per thread. In suspend mode the target is stopped for the whole write
 /// (~1.5 GB/s).
 pub fn estimate_pause(status: &proc::Status, maps: &[Mapping], mode: Mode) -> Duration {
     let anon: u64 = maps.iter().map(|m| m.anonymous_kb).sum();
@@ -423,7 +423,7 @@ pub fn estimate_pause(status: &proc::Status, maps: &[Mapping], mode: Mode) -> Du
             let gib = |kb: u64| kb as f64 / (1u64 << 20) as f64;
             (c.fixed_us
                 + PTRACE_FIXED_US
-                + 17.0 * status.threads as f64
+                + 12.0 * status.threads as f64
                 + c.per_map_us * maps.len() as f64
                 + gib(anon - huge) * c.per_gib_4k_us
                 + gib(huge) * c.per_gib_thp_us) as u64
