@@ -37,16 +37,16 @@ impl ForkCost {
     };
 }
 
-/// Memory the helper touches in 4 KiB pages, first `SMALL_MIB` then up to `LARGE_MIB`
-/// (the cost per page grows with the page tables' size: page structures stop fitting in the
-/// caches, so the rate is taken between the two), then in huge pages.
+/// Memory two helpers touch in 4 KiB pages (the cost per page grows with the page tables'
+/// size, as page structures stop fitting in the caches: the rate is taken between the
+/// two), and another in huge pages.
 const SMALL_MIB: usize = 64;
-const LARGE_MIB: usize = 256;
+const LARGE_MIB: usize = 512;
 const HUGE_MIB: usize = 256;
-/// Separate mappings the helper makes for the per-mapping cost.
+/// Separate mappings a helper makes for the per-mapping cost.
 const MAPS: usize = 2048;
-/// Forks timed per measurement (the median is kept).
-const FORKS: usize = 7;
+/// Rounds of forks (the fastest of each helper is kept).
+const FORKS: usize = 9;
 /// How long a cached calibration is trusted.
 const MAX_AGE: Duration = Duration::from_secs(3600);
 
@@ -60,36 +60,23 @@ fn now_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// In the helper process: the median time (ns) of `FORKS` forks of itself, each child
-/// exiting at once. Only raw system calls: this runs in the child of a possibly
-/// multi-threaded process.
-fn time_forks() -> u64 {
-    let mut t = [0u64; FORKS];
-    for slot in t.iter_mut() {
-        let t0 = now_ns();
-        // SAFETY: the child only calls _exit.
-        let c = unsafe { libc::fork() };
-        if c == 0 {
-            // SAFETY: ends the child without running anything of the parent's.
-            unsafe { libc::_exit(0) };
-        }
-        *slot = now_ns() - t0;
-        if c > 0 {
-            // SAFETY: reaps our own child.
-            unsafe { libc::waitpid(c, std::ptr::null_mut(), 0) };
-        } else {
-            return 0;
-        }
+/// In a helper process: the time (ns) of one fork of itself, the child exiting at once.
+/// Only raw system calls: this runs in the child of a possibly multi-threaded process.
+fn time_fork() -> u64 {
+    let t0 = now_ns();
+    // SAFETY: the child only calls _exit.
+    let c = unsafe { libc::fork() };
+    if c == 0 {
+        // SAFETY: ends the child without running anything of the parent's.
+        unsafe { libc::_exit(0) };
     }
-    // Insertion sort: no allocation.
-    for i in 1..FORKS {
-        let mut j = i;
-        while j > 0 && t[j - 1] > t[j] {
-            t.swap(j - 1, j);
-            j -= 1;
-        }
+    let t = now_ns() - t0;
+    if c < 0 {
+        return u64::MAX;
     }
-    t[FORKS / 2]
+    // SAFETY: reaps our own child.
+    unsafe { libc::waitpid(c, std::ptr::null_mut(), 0) };
+    t
 }
 
 /// Maps and touches `mib` MiB, in huge pages if `huge`; returns false if it could not.
@@ -206,64 +193,31 @@ fn parse_kb(text: &[u8], key: &[u8]) -> u64 {
         .fold(0, |v, b| v * 10 + (b - b'0') as u64)
 }
 
-/// Runs the measurement in a helper process (so that coreflect's own memory, threads and
-/// mappings do not count): returns (bare, 4 KiB, THP) median fork times in ns, THP 0 when
-/// unavailable, and with `MAPS` more mappings.
-fn measure(thp: bool) -> Option<[u64; 6]> {
-    let mut fds = [0i32; 2];
-    // SAFETY: `fds` receives two descriptors.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return None;
-    }
-    // SAFETY: the child makes only raw system calls (mmap, fork, write, _exit) and never
-    // returns into the parent's code.
-    let child = unsafe { libc::fork() };
-    if child == 0 {
-        // SAFETY: ends with _exit; descriptors are the child's copies.
-        unsafe {
-            libc::close(fds[0]);
-            let bare = time_forks();
-            let small = if touch(SMALL_MIB, false) {
-                time_forks()
-            } else {
-                0
-            };
-            let large = if touch(LARGE_MIB - SMALL_MIB, false) {
-                time_forks()
-            } else {
-                0
-            };
-            let (huge, huge_kb) = if thp && touch(HUGE_MIB, true) {
-                (time_forks(), anon_huge_kb())
-            } else {
-                (0, 0)
-            };
-            let maps = if many_maps() { time_forks() } else { 0 };
-            let out = [bare, small, large, huge, huge_kb, maps];
-            libc::write(
-                fds[1],
-                out.as_ptr() as *const libc::c_void,
-                std::mem::size_of_val(&out),
-            );
-            libc::_exit(0);
-        }
-    }
-    // SAFETY: our copy of the write end.
-    unsafe { libc::close(fds[1]) };
-    if child < 0 {
-        // SAFETY: our read end.
-        unsafe { libc::close(fds[0]) };
-        return None;
-    }
-    let mut buf = [0u8; 48];
-    let mut n = 0;
-    while n < buf.len() {
-        // SAFETY: reads into the rest of `buf`.
+/// What a helper process holds.
+#[derive(Clone, Copy)]
+enum Kind {
+    Bare,
+    Small,
+    Large,
+    Huge,
+    Maps,
+}
+
+fn write_u64(fd: i32, v: u64) -> bool {
+    // SAFETY: writes the 8 bytes of `v`.
+    unsafe { libc::write(fd, &v as *const u64 as *const libc::c_void, 8) == 8 }
+}
+
+fn read_u64(fd: i32) -> Option<u64> {
+    let mut v = 0u64;
+    let mut n = 0usize;
+    while n < 8 {
+        // SAFETY: reads into the rest of `v`'s bytes.
         let r = unsafe {
             libc::read(
-                fds[0],
-                buf[n..].as_mut_ptr() as *mut libc::c_void,
-                buf.len() - n,
+                fd,
+                (&mut v as *mut u64 as *mut u8).add(n) as *mut libc::c_void,
+                8 - n,
             )
         };
         if r > 0 {
@@ -271,51 +225,180 @@ fn measure(thp: bool) -> Option<[u64; 6]> {
         } else if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
             continue;
         } else {
-            break;
+            return None;
         }
     }
-    // SAFETY: our read end; our child is reaped.
-    unsafe {
-        libc::close(fds[0]);
-        while libc::waitpid(child, std::ptr::null_mut(), 0) < 0
-            && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
-        {}
-    }
-    if n != buf.len() {
-        return None;
-    }
-    let v = |i: usize| u64::from_ne_bytes(buf[i * 8..i * 8 + 8].try_into().unwrap());
-    Some([v(0), v(1), v(2), v(3), v(4), v(5)])
+    Some(v)
 }
 
-/// Turns the helper's fork times (ns: bare; with `SMALL_MIB`, then `LARGE_MIB` of 4 KiB
-/// pages; then also `HUGE_MIB` asked for in huge pages, of which it got `huge_kb` KiB; then
-/// also `MAPS` mappings) into costs.
+/// A helper process: prepares its memory, reports (its `AnonHugePages`, or `u64::MAX` if
+/// it could not), then times one fork per byte it reads until its command pipe closes.
+struct Helper {
+    pid: i32,
+    cmd: i32,
+    res: i32,
+}
+
+impl Helper {
+    fn start(kind: Kind) -> Option<Helper> {
+        let (mut c, mut r) = ([0i32; 2], [0i32; 2]);
+        // SAFETY: each array receives two descriptors.
+        if unsafe { libc::pipe2(c.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return None;
+        }
+        // SAFETY: as above.
+        if unsafe { libc::pipe2(r.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            // SAFETY: ours.
+            unsafe { libc::close(c[0]) };
+            // SAFETY: ours.
+            unsafe { libc::close(c[1]) };
+            return None;
+        }
+        // SAFETY: the child makes only raw system calls (mmap, madvise, fork, read, write,
+        // _exit) and never returns into the parent's code.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: the child's own copies of the descriptors; ends with _exit.
+            unsafe {
+                libc::close(c[1]);
+                libc::close(r[0]);
+                // The OOM killer's first choice, should memory run short.
+                let fd = libc::open(
+                    c"/proc/self/oom_score_adj".as_ptr(),
+                    libc::O_WRONLY | libc::O_CLOEXEC,
+                );
+                if fd >= 0 {
+                    libc::write(fd, b"1000".as_ptr() as *const libc::c_void, 4);
+                    libc::close(fd);
+                }
+                let ok = match kind {
+                    Kind::Bare => true,
+                    Kind::Small => touch(SMALL_MIB, false),
+                    Kind::Large => touch(LARGE_MIB, false),
+                    Kind::Huge => touch(HUGE_MIB, true),
+                    Kind::Maps => many_maps(),
+                };
+                let report = match (ok, kind) {
+                    (false, _) => u64::MAX,
+                    (true, Kind::Huge) => anon_huge_kb(),
+                    _ => 0,
+                };
+                write_u64(r[1], report);
+                let mut b = 0u8;
+                while libc::read(c[0], &mut b as *mut u8 as *mut libc::c_void, 1) == 1 {
+                    if !write_u64(r[1], time_fork()) {
+                        break;
+                    }
+                }
+                libc::_exit(0);
+            }
+        }
+        // SAFETY: the child's ends, in the parent.
+        unsafe {
+            libc::close(c[0]);
+            libc::close(r[1]);
+        }
+        let h = Helper {
+            pid,
+            cmd: c[1],
+            res: r[0],
+        };
+        (pid > 0).then_some(h)
+    }
+
+    fn fork_once(&self) -> Option<u64> {
+        // SAFETY: one byte to our helper's command pipe.
+        if unsafe { libc::write(self.cmd, b"f".as_ptr() as *const libc::c_void, 1) } != 1 {
+            return None;
+        }
+        read_u64(self.res).filter(|&t| t != u64::MAX)
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        // SAFETY: our descriptors; closing the command pipe ends the helper, which we reap.
+        unsafe {
+            libc::close(self.cmd);
+            libc::close(self.res);
+            if self.pid > 0 {
+                libc::kill(self.pid, libc::SIGKILL);
+                while libc::waitpid(self.pid, std::ptr::null_mut(), 0) < 0
+                    && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+                {
+                }
+            }
+        }
+    }
+}
+
+/// Runs the measurement in five helper processes (so that coreflect's own memory, threads
+/// and mappings do not count): one bare, two with `SMALL_MIB` and `LARGE_MIB` of 4 KiB
+/// pages, one with `HUGE_MIB` asked for in huge pages, one with `MAPS` mappings. They fork in turns, round
+/// after round, so a burst of load on a busy machine hits all alike, and the fastest fork
+/// of each is kept (the median). Returns the times (ns: bare, small, large, huge) and the
+/// huge helper's `AnonHugePages` (KiB), then the mappings' time; the huge time is 0 when
+/// `thp` is false.
+fn measure(thp: bool) -> Option<[u64; 6]> {
+    let mut kinds = vec![Kind::Bare, Kind::Small, Kind::Maps, Kind::Large];
+    if thp {
+        kinds.push(Kind::Huge);
+    }
+    let mut helpers = Vec::new();
+    let mut huge_kb = 0;
+    for &k in &kinds {
+        let h = Helper::start(k)?;
+        let report = read_u64(h.res)?;
+        if report == u64::MAX {
+            return None;
+        }
+        if matches!(k, Kind::Huge) {
+            huge_kb = report;
+        }
+        helpers.push(h);
+    }
+    let mut times = vec![Vec::with_capacity(FORKS); helpers.len()];
+    for _ in 0..FORKS {
+        for (h, t) in helpers.iter().zip(times.iter_mut()) {
+            t.push(h.fork_once()?);
+        }
+    }
+    let best: Vec<u64> = times
+        .iter_mut()
+        .map(|t| {
+            t.sort_unstable();
+            t[FORKS / 2]
+        })
+        .collect();
+    let huge = if thp { best[4] } else { 0 };
+    Some([best[0], best[1], best[3], huge, huge_kb, best[2]])
+}
+
+/// Turns the helpers' fork times (ns: bare; with `SMALL_MIB`, `LARGE_MIB` of 4 KiB pages; with
+/// `HUGE_MIB` asked for in huge pages, of which it got `huge_kb` KiB; with `MAPS` mappings)
+/// into costs.
 fn model(t: [u64; 6]) -> Option<ForkCost> {
     let [bare, small, large, huge, huge_kb, maps] = t;
     if bare == 0 || small <= bare {
         return None;
     }
-    let per_gib = |ns: u64, mib: usize| ns as f64 / 1e3 * (1024.0 / mib as f64);
     let per_gib_4k = if large > small {
-        per_gib(large - small, LARGE_MIB - SMALL_MIB)
+        (large - small) as f64 / 1e3 * (1024.0 / (LARGE_MIB - SMALL_MIB) as f64)
     } else {
-        per_gib(small - bare, SMALL_MIB)
+        (small - bare) as f64 / 1e3 * (1024.0 / SMALL_MIB as f64)
     };
-    let base = large.max(small);
     // Whatever of the huge region did not get huge pages costs as 4 KiB pages.
     let region_kb = (HUGE_MIB as u64) << 10;
-    let per_gib_thp = if huge > base && huge_kb >= region_kb / 4 {
+    let per_gib_thp = if huge > bare && huge_kb >= region_kb / 4 {
         let small_part_us =
             (region_kb - huge_kb.min(region_kb)) as f64 / (1u64 << 20) as f64 * per_gib_4k;
-        let huge_us = ((huge - base) as f64 / 1e3 - small_part_us).max(0.0);
+        let huge_us = ((huge - bare) as f64 / 1e3 - small_part_us).max(0.0);
         (huge_us / (huge_kb as f64 / (1u64 << 20) as f64)).max(per_gib_4k / 64.0)
     } else {
         per_gib_4k / 20.0
     };
-    let before_maps = if huge > 0 { huge } else { base };
-    let per_map = if maps > before_maps {
-        (maps - before_maps) as f64 / 1e3 / MAPS as f64
+    let per_map = if maps > bare {
+        (maps - bare) as f64 / 1e3 / MAPS as f64
     } else {
         ForkCost::FALLBACK.per_map_us
     };
@@ -438,20 +521,31 @@ mod tests {
 
     #[test]
     fn the_model_from_fork_times() {
-        // 0.2 ms bare; +0.5 ms for the first 64 MiB of 4K pages, +3 ms for the next 192 MiB
+        // 0.2 ms bare; +0.8 ms for 64 MiB of 4K pages, +7 ms more for 448 MiB more
         // (16 ms/GiB); +1 ms for 256 MiB of THP, all huge; +2.048 ms for 2048 mappings.
-        let c = model([200_000, 700_000, 3_700_000, 4_700_000, 256 << 10, 6_748_000]).unwrap();
+        let t = [
+            200_000,
+            1_000_000,
+            8_000_000,
+            1_200_000,
+            256 << 10,
+            2_248_000,
+        ];
+        let c = model(t).unwrap();
         assert_eq!(c.fixed_us, 200.0);
         assert_eq!(c.per_gib_4k_us, 16_000.0);
         assert_eq!(c.per_gib_thp_us, 4_000.0);
         assert!((c.per_map_us - 1.0).abs() < 1e-9);
         // Half the huge region in 4K pages: 128 MiB of it costs 2 ms at 16 ms/GiB.
-        let c = model([200_000, 700_000, 3_700_000, 6_200_000, 128 << 10, 0]).unwrap();
+        let c = model([200_000, 1_000_000, 8_000_000, 2_700_000, 128 << 10, 0]).unwrap();
         assert!((c.per_gib_thp_us - 4_000.0).abs() < 1e-6, "{c:?}");
         assert_eq!(c.per_map_us, ForkCost::FALLBACK.per_map_us);
         // No huge pages at all: a ratio of the 4K cost.
-        let c = model([200_000, 700_000, 3_700_000, 0, 0, 0]).unwrap();
+        let c = model([200_000, 1_000_000, 8_000_000, 0, 0, 0]).unwrap();
         assert!((c.per_gib_thp_us - 800.0).abs() < 1e-6);
+        // No large measurement: the small one's rate.
+        let c = model([200_000, 1_200_000, 0, 0, 0, 0]).unwrap();
+        assert_eq!(c.per_gib_4k_us, 16_000.0);
         assert!(model([200_000, 100_000, 0, 0, 0, 0]).is_none());
         assert_eq!(
             parse_kb(b"Rss: 5 kB\nAnonHugePages:  2048 kB\n", b"AnonHugePages:"),
@@ -462,8 +556,9 @@ mod tests {
     #[test]
     fn a_measurement_gives_plausible_costs() {
         // Not a timing assertion: only that the helper ran and reported ordered times.
-        let [bare, small, ..] = measure(false).expect("the calibration helper ran");
-        assert!(bare > 0 && small > 0);
+        let t = measure(true).expect("the calibration helper ran");
+        assert!(t[0] > 0 && t[1] > 0, "{t:?}");
+        eprintln!("fork times {t:?}: {:?}", model(t));
     }
 
     #[test]
