@@ -408,11 +408,6 @@ fn reflect_blocker(p: &ProcessInfo, maps: &[Mapping]) -> std::result::Result<u32
 /// pause minus a helper-measured fork ≈ 1 ms on a busy 2-vCPU guest).
 const PTRACE_FIXED_US: f64 = 1000.0;
 
-/// The injected clone of a big, multi-threaded, stopped and traced target costs more than
-/// the calibration helper's fork of the same amount of fresh memory (coreflect-bench, 1 GiB
-/// 4K and THP targets: 1.2–1.6×).
-const CLONE_VS_FORK: f64 = 1.3;
-
 /// The pause a snapshot of this process is expected to cost. The clone costs what a fork
 /// of the target costs — a fixed part, a part per mapping, plus copying the page tables of
 /// its anonymous memory, per GiB in 4 KiB pages and per GiB of transparent huge pages — as
@@ -431,7 +426,7 @@ pub fn estimate_pause(status: &proc::Status, maps: &[Mapping], mode: Mode) -> Du
                 + c.per_map_us * maps.len() as f64
                 + gib(anon - huge) * c.per_gib_4k_us
                 + gib(huge) * c.per_gib_thp_us;
-            (CLONE_VS_FORK * fork + PTRACE_FIXED_US + 12.0 * status.threads as f64) as u64
+            (fork + PTRACE_FIXED_US + 12.0 * status.threads as f64) as u64
         }
     };
     Duration::from_micros(us)
