@@ -408,6 +408,12 @@ fn reflect_blocker(p: &ProcessInfo, maps: &[Mapping]) -> std::result::Result<u32
 /// pause minus a helper-measured fork ≈ 1 ms on a busy 2-vCPU guest).
 const PTRACE_FIXED_US: f64 = 1000.0;
 
+/// A target's 4 KiB pages cost more to copy than the calibration helper's freshly touched
+/// ones (coreflect-bench, 1 GiB 4K target on a 2-vCPU EPYC guest: clone 13.9 ms where the
+/// helpers' fastest forks gave 7.2 ms per GiB; the huge-page and many-thread scenarios
+/// matched without a factor).
+const TARGET_VS_HELPER_4K: f64 = 2.0;
+
 /// The pause a snapshot of this process is expected to cost. The clone costs what a fork
 /// of the target costs — a fixed part, a part per mapping, plus copying the page tables of
 /// its anonymous memory, per GiB in 4 KiB pages and per GiB of transparent huge pages — as
@@ -424,7 +430,7 @@ pub fn estimate_pause(status: &proc::Status, maps: &[Mapping], mode: Mode) -> Du
             let gib = |kb: u64| kb as f64 / (1u64 << 20) as f64;
             let fork = c.fixed_us
                 + c.per_map_us * maps.len() as f64
-                + gib(anon - huge) * c.per_gib_4k_us
+                + gib(anon - huge) * c.per_gib_4k_us * TARGET_VS_HELPER_4K
                 + gib(huge) * c.per_gib_thp_us;
             (fork + PTRACE_FIXED_US + 12.0 * status.threads as f64) as u64
         }
