@@ -4,9 +4,10 @@
 //! `fork()` of the target costs: copying its page tables (per 4 KiB page of private
 //! anonymous memory, much less per transparent huge page) plus a fixed cost. Those costs
 //! differ several-fold between machines (CPU, virtualization, kernel, load), so fixed
-//! constants ran 2–4× low on some. Instead, a helper process touches a known amount of
-//! memory in 4 KiB pages (and in huge pages, when THP is available) and times its own
-//! `fork()`s; the per-GiB and fixed costs come from the differences. The result is cached
+//! constants ran 2–4× low on some. Instead, helper processes hold known amounts of memory
+//! in 4 KiB pages, in huge pages (when THP is available), and many mappings, and time their
+//! own `fork()`s in turns; the fixed, per-GiB and per-mapping costs come from the
+//! differences. The result is cached
 //! for an hour under `$XDG_CACHE_HOME/coreflect/` (or `~/.cache/coreflect/`), keyed by
 //! kernel release and CPU; with no cache directory it is measured once per process.
 

@@ -16,6 +16,8 @@
 //! - [`select`]: which memory goes into a core (a policy apart from the writer);
 //! - [`elf`]: the notes, the streaming core writer and a core reader;
 //! - [`output`]: creating the core file safely;
+//! - [`lock`]: one dumper per target; [`calibrate`]: this machine's fork costs, for the
+//!   pause estimate;
 //! - [`arch::x86_64`]: registers and syscall conventions.
 //!
 //! The library never prints: problems that do not stop a dump are returned as warnings.

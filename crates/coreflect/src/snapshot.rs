@@ -418,8 +418,8 @@ const TARGET_VS_HELPER_4K: f64 = 2.0;
 /// of the target costs — a fixed part, a part per mapping, plus copying the page tables of
 /// its anonymous memory, per GiB in 4 KiB pages and per GiB of transparent huge pages — as
 /// calibrated on this machine ([`crate::calibrate::fork_cost`]); stopping, capturing and
-/// releasing cost ~0.25 ms plus ~12 µs per thread. In suspend mode the target is stopped for the whole write
-/// (~1.5 GB/s).
+/// releasing cost ~1 ms plus ~12 µs per thread. In suspend mode the target is stopped for
+/// the whole write (~1.5 GB/s).
 pub fn estimate_pause(status: &proc::Status, maps: &[Mapping], mode: Mode) -> Duration {
     let anon: u64 = maps.iter().map(|m| m.anonymous_kb).sum();
     let huge: u64 = maps.iter().map(|m| m.anon_huge_kb).sum::<u64>().min(anon);
