@@ -181,9 +181,36 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v * mul))
 }
 
+/// The bits `/proc/PID/coredump_filter` knows (MMF_DUMP_FILTER_BITS = 9).
+const FILTER_MASK: u64 = 0x1ff;
+
 fn parse_hex(s: &str) -> Result<u32, String> {
-    u32::from_str_radix(s.trim_start_matches("0x"), 16)
-        .map_err(|_| format!("'{s}' is not a hex number (e.g. 0x33)"))
+    let t = s.trim();
+    let digits = t
+        .strip_prefix("0x")
+        .or_else(|| t.strip_prefix("0X"))
+        .unwrap_or(t);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("'{s}' is not a hex number (e.g. 0x33)"));
+    }
+    let v = u64::from_str_radix(digits.trim_start_matches('0'), 16)
+        .or_else(|_| {
+            if digits.trim_start_matches('0').is_empty() {
+                Ok(0)
+            } else {
+                Err(())
+            }
+        })
+        .map_err(|_| {
+            format!("{s} is out of range: coredump_filter has 9 bits (0x0 to {FILTER_MASK:#x})")
+        })?;
+    if v & !FILTER_MASK != 0 {
+        return Err(format!(
+            "{s} is out of range: coredump_filter has 9 bits (0x0 to {FILTER_MASK:#x}); the kernel knows no bit {:#x}",
+            v & !FILTER_MASK
+        ));
+    }
+    Ok(v as u32)
 }
 
 /// Registers SIGINT/SIGTERM/SIGHUP to set the returned flag instead of killing us, so a

@@ -4,6 +4,28 @@ use coreflect::DumpReport;
 use serde::Serialize;
 use std::io::Write;
 
+/// A string made safe for one line of text on a terminal: control characters (newlines,
+/// escape sequences, C1 controls) are shown escaped, as `\n`, `\t`, `\r`, `\e`,
+/// `\x7f`, `\u{9b}`, so a path or a mapping's name can neither split a message in two
+/// nor drive the terminal.
+pub fn text(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for ch in s.chars() {
+        match ch {
+            '\n' => o.push_str("\\n"),
+            '\r' => o.push_str("\\r"),
+            '\t' => o.push_str("\\t"),
+            '\x1b' => o.push_str("\\e"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                o.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c if c.is_control() => o.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
 /// Human-readable byte count.
 pub fn bytes(n: u64) -> String {
     let f = n as f64;
@@ -37,6 +59,7 @@ struct JsonReport<'a> {
     unpopulated_bytes: u64,
     zero_bytes: u64,
     written_by_clone: u64,
+    live_bytes: u64,
     duration_ms: u64,
     level: &'a str,
     compressed_size: Option<u64>,
@@ -79,6 +102,7 @@ pub fn report_json(r: &DumpReport) -> String {
         unpopulated_bytes: r.unpopulated_bytes,
         zero_bytes: r.zero_bytes,
         written_by_clone: r.written_by_clone,
+        live_bytes: r.live_bytes,
         duration_ms: r.duration_ms,
         level: r.level.as_str(),
         compressed_size: r.compressed_size,
@@ -95,7 +119,12 @@ pub fn success(json: bool, r: &DumpReport) {
     }
     let p = &r.pause;
     let mut e = std::io::stderr().lock();
-    let _ = writeln!(e, "coreflect: dumped pid {} to {}", r.pid, r.path.display());
+    let _ = writeln!(
+        e,
+        "coreflect: dumped pid {} to {}",
+        r.pid,
+        text(&r.path.display().to_string())
+    );
     let _ = writeln!(
         e,
         "  mode {}, {} threads, {} mappings",
@@ -151,8 +180,15 @@ pub fn success(json: bool, r: &DumpReport) {
             100.0 * c as f64 / r.file_size.max(1) as f64
         );
     }
+    if r.live_bytes > 0 {
+        let _ = writeln!(
+            e,
+            "  {} read live, not frozen (shared memory the target kept using)",
+            bytes(r.live_bytes)
+        );
+    }
     for w in &r.warnings {
-        let _ = writeln!(e, "  warning: {w}");
+        let _ = writeln!(e, "  warning: {}", text(w));
     }
 }
 
@@ -184,10 +220,10 @@ pub fn error_text(err: &coreflect::Error) -> String {
 
 /// Prints an error: one line on stderr (and a JSON object on stdout with `--json`).
 pub fn error(json: bool, err: &coreflect::Error) {
-    let text = error_text(err);
-    eprintln!("coreflect: error: {text}");
+    let msg = error_text(err);
+    eprintln!("coreflect: error: {}", text(&msg));
     if json {
-        println!("{}", serde_json::json!({ "error": text }));
+        println!("{}", serde_json::json!({ "error": msg }));
     }
 }
 

@@ -302,3 +302,103 @@ fn max_pause_refuses_before_stopping() {
     assert!(empty(&d));
     assert!(t.ping());
 }
+
+#[test]
+fn filter_values() {
+    let d = tmpdir("filter");
+    let mut t = Target::spawn(&["--heap-mib", "1"]);
+    let pid = t.pid.to_string();
+    // 0X (upper case) is accepted like 0x.
+    let o = d.join("upper.core");
+    let o = o.to_str().unwrap();
+    let r = coreflect(&["dump", &pid, "-o", o, "--filter", "0X33", "-q"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    // Out of range: said so, not "not a hex number".
+    for bad in ["0x200", "0x1000", "0xffffffffff"] {
+        let r = coreflect(&["dump", &pid, "-o", o, "--filter", bad, "--overwrite"]);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "{err}");
+        assert!(err.contains("out of range"), "{err}");
+        assert!(err.contains("0x1ff"), "{err}");
+        assert!(!err.contains("not a hex number"), "{err}");
+    }
+    let r = coreflect(&["dump", &pid, "-o", o, "--filter", "0xzz"]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("not a hex number"), "{err}");
+    t.assert_free();
+    assert!(t.ping());
+}
+
+#[test]
+fn control_characters_in_paths_are_escaped() {
+    let d = tmpdir("ctl");
+    let mut t = Target::spawn(&["--heap-mib", "1"]);
+    let pid = t.pid.to_string();
+    // An error naming such a path: one line, escaped.
+    let bad = d.join("no\nsuch\x1b[31m/dir/x.core");
+    let o = coreflect(&["dump", &pid, "-o", bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert_eq!(err.lines().count(), 1, "{err:?}");
+    assert!(err.contains("no\\nsuch\\e[31m"), "{err:?}");
+    assert!(!err.contains('\x1b'), "{err:?}");
+    // A summary naming such a path: every line is one of the summary's own.
+    let good = d.join("a\nb\tc\x07.core");
+    let o = coreflect(&["dump", &pid, "-o", good.to_str().unwrap(), "-q"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(std::fs::metadata(&good).is_ok());
+    assert!(err.contains("a\\nb\\tc\\x07.core"), "{err:?}");
+    for l in err.lines() {
+        assert!(
+            l.starts_with("coreflect: ") || l.starts_with("  "),
+            "a line the summary did not start: {l:?} in {err:?}"
+        );
+        assert!(!l.chars().any(|c| c.is_control()), "{l:?}");
+    }
+    t.assert_free();
+    assert!(t.ping());
+}
+
+#[test]
+fn stop_timeout_zero_names_the_state_it_saw() {
+    // With no time to stop at all, the first pass may find threads not yet stopped: the
+    // message must say what their state means, and blame uninterruptible sleep only for D.
+    let d = tmpdir("stop-timeout-0");
+    let mut t = Target::spawn(&["--heap-mib", "1", "--extra-threads", "40"]);
+    let pid = t.pid.to_string();
+    let o = d.join("x.core");
+    let mut seen = 0;
+    for _ in 0..10 {
+        let r = coreflect(&[
+            "dump",
+            &pid,
+            "-o",
+            o.to_str().unwrap(),
+            "--overwrite",
+            "--stop-timeout",
+            "0",
+        ]);
+        let err = String::from_utf8_lossy(&r.stderr).to_string();
+        if r.status.success() {
+            continue;
+        }
+        assert!(err.contains("did not stop within 0 ms"), "{err}");
+        seen += 1;
+        let state = err
+            .split("(state ")
+            .nth(1)
+            .and_then(|s| s.chars().next())
+            .unwrap();
+        assert_eq!(
+            err.contains("uninterruptible"),
+            state == 'D',
+            "state {state}: {err}"
+        );
+        assert!(err.contains("--stop-timeout"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        t.assert_free();
+    }
+    eprintln!("{seen} of 10 dumps timed out");
+    assert!(t.ping());
+}

@@ -91,6 +91,8 @@ pub struct TargetOptions {
     pub vdso: Option<String>,
     /// The main thread exits (as with `pthread_exit`) once the others run.
     pub exit_main: bool,
+    /// Size of a `MAP_SHARED` anonymous (shmem) region (KiB), 0 for none.
+    pub shared_kib: usize,
 }
 
 impl Default for TargetOptions {
@@ -121,6 +123,7 @@ impl Default for TargetOptions {
             vfork_loop: false,
             vdso: None,
             exit_main: false,
+            shared_kib: 0,
         }
     }
 }
@@ -154,6 +157,7 @@ impl TargetOptions {
                 "--dontfork-kib" => o.dontfork_kib = num(a)?,
                 "--many-maps" => o.many_maps = num(a)?,
                 "--signal-masks" => o.signal_masks = true,
+                "--shared-kib" => o.shared_kib = num(a)?,
                 "--exit-after-ms" => o.exit_after_ms = num(a)? as u64,
                 "--exec-after-ms" => o.exec_after_ms = num(a)? as u64,
                 "--seccomp-worker" => o.seccomp_worker = true,
@@ -585,6 +589,22 @@ pub fn run(o: TargetOptions) -> ! {
             assert_eq!(libc::madvise(p as *mut _, n, libc::MADV_DONTFORK), 0);
         }
         extra += &format!(" dof_addr={p:#x} dof_len={n}");
+    }
+    if o.shared_kib > 0 {
+        let n = o.shared_kib << 10;
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                n,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "mmap MAP_SHARED");
+        unsafe { std::ptr::write_bytes(p as *mut u8, 0xE5, n) };
+        extra += &format!(" shm_addr={:#x} shm_len={n}", p as usize);
     }
     if o.many_maps > 0 {
         // Alternate protections page by page: every page becomes a mapping of its own.

@@ -3,6 +3,7 @@
 
 use crate::elf::meta::{self, Metadata};
 use crate::elf::writer::Progress;
+use crate::elf::writer::Source;
 use crate::elf::writer::{StreamSink, WriteStats};
 use crate::error::{Error, Pid, Result};
 use crate::level::Level;
@@ -58,6 +59,12 @@ pub struct DumpReport {
     pub zero_bytes: u64,
     /// Bytes the clone wrote into the core itself (direct writing).
     pub written_by_clone: u64,
+    /// Bytes of the core read from memory that was live, not frozen, in reflect mode:
+    /// shared mappings (`MAP_SHARED` files, memfd, shmem, System V shared memory: the
+    /// clone shares them with the target, which kept writing them) and what the clone
+    /// cannot hold (`MADV_DONTFORK`, `MADV_WIPEONFORK`: read from the target). 0 in
+    /// suspend mode, where the target was stopped throughout.
+    pub live_bytes: u64,
     /// Wall time of the whole dump, in milliseconds.
     pub duration_ms: u64,
     /// Problems that did not stop the dump.
@@ -229,6 +236,11 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
             u.error
         ));
     }
+    let live_bytes = if mode == Mode::Reflect {
+        live_bytes(&snap, &segs)
+    } else {
+        0
+    };
     let mut pause = snap.pause();
     // The image is written: let the clone's teardown run while the file gets its name.
     snap.release_image();
@@ -265,6 +277,7 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
         unpopulated_bytes: stats.unpopulated_bytes,
         zero_bytes: stats.zero_bytes,
         written_by_clone: stats.written_by_clone,
+        live_bytes,
         duration_ms: t0.elapsed().as_millis() as u64,
         warnings,
         level: opts.level,
@@ -397,4 +410,19 @@ fn log_capture(snap: &Snapshot, t: Instant) {
         p.capture_us as f64 / 1e3,
         p.estimate_us as f64 / 1e3
     );
+}
+
+/// The bytes of the core's segments that a reflected snapshot reads live: shared mappings
+/// and the ranges read from the target itself.
+fn live_bytes(snap: &Snapshot, segs: &[crate::elf::writer::SegmentPlan]) -> u64 {
+    segs.iter()
+        .filter(|s| {
+            s.source == Source::Live
+                || snap
+                    .mappings()
+                    .iter()
+                    .any(|m| m.shared && m.start <= s.vaddr && s.vaddr < m.end)
+        })
+        .map(|s| s.filesz)
+        .sum()
 }

@@ -101,7 +101,7 @@ pub enum Error {
         pid: Pid,
     },
     /// A thread did not stop within the time allowed.
-    #[error("thread {tid} of pid {pid} did not stop within {millis} ms (state {state}); it may be in uninterruptible sleep (D state) or in vfork: try again later, or allow a longer stop timeout")]
+    #[error("thread {tid} of pid {pid} did not stop within {millis} ms (state {state}: {}): {}", state_meaning(.state), state_advice(.state))]
     StopTimeout {
         /// The target.
         pid: Pid,
@@ -263,6 +263,33 @@ impl Error {
     }
 }
 
+/// What a thread state letter from `/proc/PID/task/TID/stat` means (proc(5)).
+pub fn state_meaning(state: &str) -> &'static str {
+    match state {
+        "R" => "running",
+        "S" => "sleeping in an interruptible wait",
+        "D" => "in uninterruptible sleep, waiting in the kernel (disk or network I/O, a vfork child)",
+        "t" => "in a tracing stop, i.e. stopping for coreflect itself, but the stop had not been reported yet",
+        "T" => "stopped by a job-control signal",
+        "Z" => "a zombie: it has exited",
+        "X" | "x" => "dead",
+        "W" => "waking",
+        "P" => "parked",
+        "I" => "idle",
+        "K" => "wakekill",
+        _ => "unknown",
+    }
+}
+
+/// What to do when a thread in `state` did not stop in time.
+fn state_advice(state: &str) -> &'static str {
+    match state {
+        "D" => "it stops once the kernel call it waits in returns: try again later, or allow a longer stop timeout",
+        "Z" | "X" | "x" => "it is exiting: try again",
+        _ => "allow a longer stop timeout",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,5 +318,24 @@ mod tests {
             source: io::Error::from_raw_os_error(libc::ESRCH),
         };
         assert_eq!(p.with_causes().matches("No such process").count(), 1);
+    }
+
+    #[test]
+    fn stop_timeout_names_the_state_it_saw() {
+        let e = |state: &str| {
+            Error::StopTimeout {
+                pid: 1,
+                tid: 2,
+                millis: 0,
+                state: state.into(),
+            }
+            .to_string()
+        };
+        assert!(e("D").contains("uninterruptible sleep"), "{}", e("D"));
+        for s in ["t", "R", "S", "T", "?"] {
+            assert!(!e(s).contains("uninterruptible"), "{}", e(s));
+            assert!(e(s).contains("longer stop timeout"), "{}", e(s));
+        }
+        assert!(e("t").contains("tracing stop"), "{}", e("t"));
     }
 }

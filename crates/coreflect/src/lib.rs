@@ -65,6 +65,8 @@ pub mod access;
 #[doc(hidden)]
 pub mod arch;
 #[doc(hidden)]
+pub mod calibrate;
+#[doc(hidden)]
 pub mod direct;
 pub mod dump;
 pub mod elf;

@@ -35,6 +35,7 @@ fn out_err(what: &'static str, path: &Path, e: io::Error) -> Error {
             "; the filesystem is full: free space or choose another path"
         }
         Some(libc::EEXIST) => "; it exists: allow overwriting it, or choose another path",
+        Some(libc::ENAMETOOLONG) => "; choose a shorter path",
         _ => "",
     };
     Error::Output {
@@ -45,6 +46,121 @@ fn out_err(what: &'static str, path: &Path, e: io::Error) -> Error {
     }
 }
 
+/// The longest file name the filesystem holding `dir` accepts (`f_namemax`), 255 if unknown.
+fn name_max(dir: &Path) -> u64 {
+    let c = cstr(dir);
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a writable statvfs the call fills.
+    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if r == 0 && st.f_namemax > 0 {
+        st.f_namemax
+    } else {
+        255
+    }
+}
+
+fn invalid(what: &'static str, path: &Path, errno: i32, hint: String) -> Error {
+    Error::Output {
+        what,
+        path: path.to_path_buf(),
+        source: io::Error::from_raw_os_error(errno),
+        hint,
+    }
+}
+
+/// Everything about the path that can be checked before the target is touched, beyond what
+/// creating the unnamed file checks (an `O_TMPFILE` file has no name yet, so a name the
+/// filesystem would refuse only shows when the finished core is linked to it).
+fn check_path(path: &Path, dir: &Path) -> Result<()> {
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.is_empty() {
+        return Err(invalid(
+            "cannot use the (empty) output path",
+            path,
+            libc::ENOENT,
+            "; give -o a file name".into(),
+        ));
+    }
+    if bytes.contains(&0) {
+        return Err(invalid(
+            "cannot use the output path",
+            path,
+            libc::EINVAL,
+            "; it contains a NUL byte: choose another -o".into(),
+        ));
+    }
+    let name = match path.file_name() {
+        Some(n) if !bytes.ends_with(b"/") => n,
+        _ => {
+            return Err(invalid(
+                "cannot use the output path",
+                path,
+                libc::EISDIR,
+                "; it names a directory, not a file: add a file name to -o".into(),
+            ))
+        }
+    };
+    // PATH_MAX counts the terminating NUL.
+    if bytes.len() >= libc::PATH_MAX as usize {
+        return Err(invalid(
+            "cannot use the output path",
+            path,
+            libc::ENAMETOOLONG,
+            format!(
+                " ({} bytes, more than the {} a path may have): choose a shorter -o",
+                bytes.len(),
+                libc::PATH_MAX - 1
+            ),
+        ));
+    }
+    // Directory components: the kernel's own answer, before anything is stopped.
+    if let Err(e) = std::fs::metadata(dir) {
+        if e.raw_os_error() == Some(libc::ENAMETOOLONG) {
+            return Err(out_err("cannot use output directory", dir, e));
+        }
+    }
+    let max = name_max(dir);
+    if name.len() as u64 > max {
+        return Err(invalid(
+            "cannot use the output path",
+            path,
+            libc::ENAMETOOLONG,
+            format!(
+                " (its file name is {} bytes, more than the {max} this filesystem allows): choose a shorter -o",
+                name.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Only a regular file is ever replaced: not a FIFO, a device node, a socket.
+fn not_regular(path: &Path, m: &std::fs::Metadata) -> Error {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    let kind = if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    };
+    invalid(
+        "refusing to replace",
+        path,
+        libc::EEXIST,
+        format!(
+            "; it is {kind}, and coreflect creates or replaces (--overwrite) only regular files: choose another -o"
+        ),
+    )
+}
+
 impl OutputFile {
     /// Creates the (still unnamed) output for `path`, checking up front that it can be
     /// committed there.
@@ -53,6 +169,7 @@ impl OutputFile {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
+        check_path(path, &dir)?;
         match std::fs::symlink_metadata(path) {
             Ok(m) if m.file_type().is_symlink() => {
                 return Err(Error::Output {
@@ -69,6 +186,7 @@ impl OutputFile {
                     io::Error::from_raw_os_error(libc::EISDIR),
                 ))
             }
+            Ok(m) if !m.is_file() => return Err(not_regular(path, &m)),
             Ok(_) if !overwrite => {
                 return Err(out_err(
                     "output file already exists",
@@ -112,12 +230,18 @@ impl OutputFile {
             Some(libc::EOPNOTSUPP) | Some(libc::EISDIR) | Some(libc::EINVAL) => {}
             _ => return Err(out_err("cannot create a file in", &dir, e)),
         }
-        // No O_TMPFILE here: a hidden temporary name, renamed at the end.
+        // No O_TMPFILE here: a hidden temporary name, renamed at the end (a short one when
+        // the name itself is near the filesystem's limit).
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let temp = dir.join(format!(".{name}.coreflect-{}.tmp", std::process::id()));
+        let mut temp = dir.join(format!(".{name}.coreflect-{}.tmp", std::process::id()));
+        if temp.file_name().map_or(0, |n| n.len() as u64) > name_max(&dir)
+            || temp.as_os_str().len() >= libc::PATH_MAX as usize
+        {
+            temp = dir.join(format!(".coreflect-{}.tmp", std::process::id()));
+        }
         let ct = cstr(&temp);
         let fd = unsafe {
             libc::open(
@@ -152,6 +276,15 @@ impl OutputFile {
     /// meanwhile; with it, atomically replaces the old file (a symlink is never followed).
     pub fn commit(mut self) -> Result<PathBuf> {
         let cpath = cstr(&self.path);
+        if self.overwrite {
+            // Something else may have appeared at the path since `create`: still only a
+            // regular file (or nothing) is replaced.
+            match std::fs::symlink_metadata(&self.path) {
+                Ok(m) if m.file_type().is_symlink() || m.is_file() => {}
+                Ok(m) => return Err(not_regular(&self.path, &m)),
+                Err(_) => {}
+            }
+        }
         if let Some(temp) = self.temp.clone() {
             let ct = cstr(&temp);
             let flags = if self.overwrite {

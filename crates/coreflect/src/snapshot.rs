@@ -427,17 +427,37 @@ fn reflect_blocker(p: &ProcessInfo, maps: &[Mapping]) -> std::result::Result<Inj
     ))
 }
 
-/// The pause a snapshot of this process is expected to cost. The clone copies the page
-/// tables of anonymous memory: ~15 ms per GiB mapped with 4 KiB pages, ~1 ms per GiB of
-/// transparent huge pages (measured on 2-vCPU KVM guests); stopping, capturing and
-/// releasing cost ~17 µs per thread. In suspend mode the target is stopped for the whole
-/// write (~1.5 GB/s).
+/// What a pause costs besides the clone and the per-thread work: seizing, the injection's
+/// round trips and the tracer's wake-ups, the release (coreflect-bench, 1 GiB THP target:
+/// pause minus a helper-measured fork ≈ 1 ms on a busy 2-vCPU guest).
+const PTRACE_FIXED_US: f64 = 1000.0;
+
+/// A target's 4 KiB pages cost more to copy than the calibration helper's freshly touched
+/// ones (coreflect-bench, 1 GiB 4K target on a 2-vCPU EPYC guest: clone 13.9 ms where the
+/// helpers' fastest forks gave 7.2 ms per GiB; the huge-page and many-thread scenarios
+/// matched without a factor).
+const TARGET_VS_HELPER_4K: f64 = 2.0;
+
+/// The pause a snapshot of this process is expected to cost. The clone costs what a fork
+/// of the target costs — a fixed part, a part per mapping, plus copying the page tables of
+/// its anonymous memory, per GiB in 4 KiB pages and per GiB of transparent huge pages — as
+/// calibrated on this machine ([`crate::calibrate::fork_cost`]); stopping, capturing and
+/// releasing cost ~1 ms plus ~12 µs per thread. In suspend mode the target is stopped for
+/// the whole write (~1.5 GB/s).
 pub fn estimate_pause(status: &proc::Status, maps: &[Mapping], mode: Mode) -> Duration {
     let anon: u64 = maps.iter().map(|m| m.anonymous_kb).sum();
     let huge: u64 = maps.iter().map(|m| m.anon_huge_kb).sum::<u64>().min(anon);
     let us = match mode {
         Mode::Suspend => 1000 + status.vm_rss_kb * 2 / 3, // 1 KiB at 1.5 GB/s is ~0.68 µs
-        _ => 300 + 17 * status.threads as u64 + (anon - huge) * 15 / 1024 + huge / 1024,
+        _ => {
+            let c = crate::calibrate::fork_cost();
+            let gib = |kb: u64| kb as f64 / (1u64 << 20) as f64;
+            let fork = c.fixed_us
+                + c.per_map_us * maps.len() as f64
+                + gib(anon - huge) * c.per_gib_4k_us * TARGET_VS_HELPER_4K
+                + gib(huge) * c.per_gib_thp_us;
+            (fork + PTRACE_FIXED_US + 12.0 * status.threads as f64) as u64
+        }
     };
     Duration::from_micros(us)
 }
@@ -487,7 +507,7 @@ impl Snapshot {
             0 => process,
             _ => preflight(pid)?,
         };
-        let mut warnings = Vec::new();
+        let mut warnings: Vec<String> = lock.warning().map(str::to_owned).into_iter().collect();
         // The thread whose /proc files show the memory (the main thread unless it exited).
         let mm = proc::live_thread(pid).ok_or(Error::ProcessExited { pid })?;
         let target_maps = proc::maps::read_smaps(mm)?;

@@ -536,6 +536,8 @@ pub fn dump_held(
         unpopulated_bytes: stats.unpopulated_bytes,
         zero_bytes: stats.zero_bytes,
         written_by_clone: stats.written_by_clone,
+        // Suspend mode: nothing is read while the target runs.
+        live_bytes: 0,
         duration_ms: t0.elapsed().as_millis() as u64,
         level: opts.level,
         compressed_size: None,
