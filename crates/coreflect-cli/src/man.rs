@@ -228,7 +228,21 @@ pub fn page() -> String {
     let mut v = Vec::new();
     let _ = man.render_version_section(&mut v);
     out.push_str(&String::from_utf8_lossy(&v));
-    out
+    ascii_roff(&out)
+}
+
+/// Spells every non-ASCII character (a dash, an arrow in a help text) as a groff Unicode
+/// escape (`\[u2013]`): troff reads its input as Latin-1 and warns on UTF-8 bytes.
+fn ascii_roff(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_ascii() {
+            o.push(c);
+        } else {
+            o.push_str(&format!("\\[u{:04X}]", c as u32));
+        }
+    }
+    o
 }
 
 /// Prints the manual page.

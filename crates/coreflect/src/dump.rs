@@ -104,7 +104,7 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
     } else {
         Some(OutputFile::create(&opts.output, opts.overwrite)?)
     };
-    tracing::debug!("output prepared in {:.2} ms", ms(t0));
+    tracing::debug!("output file prepared in {:.2} ms", ms(t0));
     let t = Instant::now();
     let mut snap = Snapshot::capture(pid, &opts.snapshot)?;
     log_capture(&snap, t);

@@ -143,7 +143,7 @@ impl TargetLock {
             }
             // Taken: look at the holder now and then (each look queues one connection on
             // its socket until it exits, so rarely).
-            if !checked.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) || gone > 0 {
+            if checked.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) || gone > 0 {
                 checked = Some(Instant::now());
                 let squatter = match holder(&name) {
                     Holder::Peer { uid, .. } if may_dump(uid, target_uids(pid)) => {
