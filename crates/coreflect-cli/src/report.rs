@@ -46,7 +46,7 @@ pub fn report_json(r: &DumpReport) -> String {
     let p = &r.pause;
     let warnings: Vec<String> = r.warnings.iter().map(|w| json_str(w)).collect();
     format!(
-        "{{\"pid\":{},\"path\":{},\"mode\":{},\"threads\":{},\"segments\":{},\"pause_us\":{},\"pause\":{{\"stop_us\":{},\"capture_us\":{},\"clone_us\":{},\"release_us\":{},\"estimate_us\":{},\"started_ns\":{}}},\"bytes_written\":{},\"file_size\":{},\"unpopulated_bytes\":{},\"zero_bytes\":{},\"written_by_clone\":{},\"duration_ms\":{},\"warnings\":[{}]}}",
+        "{{\"pid\":{},\"path\":{},\"mode\":{},\"threads\":{},\"segments\":{},\"pause_us\":{},\"pause\":{{\"stop_us\":{},\"capture_us\":{},\"clone_us\":{},\"release_us\":{},\"estimate_us\":{},\"started_ns\":{}}},\"bytes_written\":{},\"file_size\":{},\"unpopulated_bytes\":{},\"zero_bytes\":{},\"written_by_clone\":{},\"write_path\":{},\"clone_cpu_ms\":{:.1},\"cow_bytes\":{},\"duration_ms\":{},\"warnings\":[{}]}}",
         r.pid,
         json_str(&r.path.display().to_string()),
         json_str(r.mode.as_str()),
@@ -64,8 +64,24 @@ pub fn report_json(r: &DumpReport) -> String {
         r.unpopulated_bytes,
         r.zero_bytes,
         r.written_by_clone,
+        write_path_json(&r.write_path),
+        r.write_path.clone_cpu_ms,
+        r.write_path.cow_bytes,
         r.duration_ms,
         warnings.join(",")
+    )
+}
+
+fn write_path_json(w: &coreflect::write_path::WritePathStats) -> String {
+    format!(
+        "{{\"used\":{},\"fallback\":{},\"spliced_bytes\":{},\"read_bytes\":{},\"read_runs\":{},\"released_bytes\":{},\"injections\":{}}}",
+        json_str(&w.used),
+        json_str(&w.fallback),
+        w.spliced_bytes,
+        w.read_bytes,
+        w.read_runs,
+        w.released_bytes,
+        w.injections
     )
 }
 
@@ -116,6 +132,28 @@ pub fn success(json: bool, r: &DumpReport) {
             )
         } else {
             String::new()
+        }
+    );
+    let w = &r.write_path;
+    let _ = writeln!(
+        e,
+        "  write path {}{}; clone CPU {:.1} ms; target copied {} while the clone lived{}",
+        w.used,
+        if w.read_runs > 0 {
+            format!(
+                " ({} runs, {} read instead)",
+                w.read_runs,
+                bytes(w.read_bytes)
+            )
+        } else {
+            String::new()
+        },
+        w.clone_cpu_ms,
+        bytes(w.cow_bytes),
+        if w.fallback.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", w.fallback)
         }
     );
     for w in &r.warnings {

@@ -104,7 +104,7 @@ fn the_three_writers_give_the_same_bytes() {
         "64",
     ]);
     let opts = coreflect::Options {
-        direct_write: true,
+        write_path: coreflect::write_path::WritePath::Pwrite,
         ..Default::default()
     };
     let snap = coreflect::Snapshot::capture(t.pid, &opts).unwrap();
@@ -186,9 +186,9 @@ fn the_clone_leaves_the_targets_cgroup_before_writing() {
     let d = tmpdir("cgroup");
     let t = Target::spawn(&["--heap-mib", "8"]);
     std::fs::write(theirs.join("cgroup.procs"), t.pid.to_string()).unwrap();
-    let json = dump(t.pid, &d.join("c.core"), &["--direct-write"]);
-    // The clone wrote its memory: it could be moved out of the target's cgroup.
-    assert!(json.num("written_by_clone") > 8 << 20, "{}", json.0);
+    let json = dump(t.pid, &d.join("c.core"), &["--write-path", "splice"]);
+    // The clone spliced its memory: it could be moved out of the target's cgroup.
+    assert!(json.num("spliced_bytes") > 8 << 20, "{}", json.0);
     assert_eq!(
         memcg_dir(&t.pid.to_string()).as_deref(),
         Some(theirs.as_path())

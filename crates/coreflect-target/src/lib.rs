@@ -71,6 +71,10 @@ pub struct TargetOptions {
     pub dontfork_kib: usize,
     /// Split a reservation into this many separate mappings (0: none).
     pub many_maps: usize,
+    /// A populated region of this many KiB made PROT_NONE afterwards (0: none).
+    pub protnone_kib: usize,
+    /// A thread rewrites the pattern buffer (same bytes) at this many MiB/s (0: none).
+    pub rewrite_mib_s: usize,
 }
 
 impl Default for TargetOptions {
@@ -94,6 +98,8 @@ impl Default for TargetOptions {
             non_dumpable: false,
             dontfork_kib: 0,
             many_maps: 0,
+            protnone_kib: 0,
+            rewrite_mib_s: 0,
         }
     }
 }
@@ -126,6 +132,8 @@ impl TargetOptions {
                 "--non-dumpable" => o.non_dumpable = true,
                 "--dontfork-kib" => o.dontfork_kib = num(a)?,
                 "--many-maps" => o.many_maps = num(a)?,
+                "--protnone-kib" => o.protnone_kib = num(a)?,
+                "--rewrite-mib-s" => o.rewrite_mib_s = num(a)?,
                 "--exit-after-ms" => o.exit_after_ms = num(a)? as u64,
                 "--exec-after-ms" => o.exec_after_ms = num(a)? as u64,
                 other => return Err(format!("unknown option {other}")),
@@ -381,6 +389,31 @@ pub fn idle_worker() {
     }
 }
 
+/// Rewrites the pattern buffer with its own bytes at `mib_s` MiB/s, 1 MiB at a time, round
+/// and round (every page it writes is a copy-on-write fault while a clone shares it).
+fn rewrite_worker(buf: usize, len: usize, mib_s: usize) {
+    // Every page of the pattern holds the same bytes (the pattern's period divides 4096).
+    let page: Vec<u8> = (0..4096).map(pattern_byte).collect();
+    let step = 1 << 20;
+    let t0 = std::time::Instant::now();
+    let mut written = 0u64;
+    let mut off = 0;
+    loop {
+        let end = (off + step).min(len);
+        let mut p = off;
+        while p + 4096 <= end {
+            unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), (buf + p) as *mut u8, 4096) };
+            p += 4096;
+        }
+        written += (end - off) as u64;
+        off = if end >= len { 0 } else { end };
+        let due = Duration::from_secs_f64(written as f64 / (mib_s as f64 * 1048576.0));
+        if let Some(wait) = due.checked_sub(t0.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
 fn mmap_anon(len: usize) -> usize {
     let p = unsafe {
         libc::mmap(
@@ -475,6 +508,15 @@ pub fn run(o: TargetOptions) -> ! {
         }
         extra += &format!(" dof_addr={p:#x} dof_len={n}");
     }
+    if o.protnone_kib > 0 {
+        let n = o.protnone_kib << 10;
+        let p = mmap_anon(n);
+        unsafe {
+            std::ptr::write_bytes(p as *mut u8, 0xEF, n);
+            assert_eq!(libc::mprotect(p as *mut _, n, libc::PROT_NONE), 0);
+        }
+        extra += &format!(" protnone_addr={p:#x} protnone_len={n}");
+    }
     if o.many_maps > 0 {
         // Alternate protections page by page: every page becomes a mapping of its own.
         let n = o.many_maps * 4096;
@@ -542,6 +584,13 @@ pub fn run(o: TargetOptions) -> ! {
     }
     for i in 0..o.extra_threads {
         hs.push(spawn(&format!("idle{i}"), Box::new(idle_worker)));
+    }
+    if o.rewrite_mib_s > 0 {
+        let rate = o.rewrite_mib_s;
+        hs.push(spawn(
+            "rewrite",
+            Box::new(move || rewrite_worker(pattern, len, rate)),
+        ));
     }
     if o.churn_threads {
         hs.push(spawn("churn-threads", Box::new(thread_churner)));

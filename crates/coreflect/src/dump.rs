@@ -47,6 +47,8 @@ pub struct DumpReport {
     pub zero_bytes: u64,
     /// Bytes the clone wrote into the core itself (direct writing).
     pub written_by_clone: u64,
+    /// How memory reached the file (path used, fallbacks, clone CPU, copy-on-write).
+    pub write_path: crate::write_path::WritePathStats,
     /// Wall time of the whole dump, in milliseconds.
     pub duration_ms: u64,
     /// Problems that did not stop the dump.
@@ -141,6 +143,7 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
         unpopulated_bytes: stats.unpopulated_bytes,
         zero_bytes: stats.zero_bytes,
         written_by_clone: stats.written_by_clone,
+        write_path: stats.path.clone(),
         duration_ms: t0.elapsed().as_millis() as u64,
         warnings,
     })

@@ -37,6 +37,7 @@ pub mod ptrace;
 pub mod select;
 pub mod snapshot;
 pub mod stop;
+pub mod write_path;
 
 pub use dump::{dump, DumpOptions, DumpReport};
 pub use error::{Error, Pid, Result};
