@@ -103,6 +103,25 @@ const SPLICE_F_NONBLOCK: u64 = 2;
 /// Pipes in flight: the clone fills one while coreflect drains the others.
 const PIPES: usize = 4;
 
+/// Pipe-fulls the clone drops at a time (one `madvise` instead of one per `vmsplice`).
+const RELEASE_BATCH: u64 = 4;
+
+/// The clone drops `[from, to)` (release-behind); errors are ignored (the range stays).
+fn release(drv: &mut Driver, from: u64, to: u64, st: &mut WriteStats) {
+    if let Ok(0) = drv.syscall(SYS_MADVISE, [from, to - from, MADV_DONTNEED, 0, 0, 0]) {
+        st.path.released_bytes += to - from;
+    }
+}
+
+/// Threads splicing pipes into the file (each has one write in flight).
+fn splicers() -> usize {
+    std::env::var("COREFLECT_SPLICERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+        .clamp(1, PIPES)
+}
+
 /// The page frame of the kernel's shared zero page (0 if pagemap hides frames).
 fn zero_pfn() -> u64 {
     static Z: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
@@ -482,25 +501,33 @@ pub(crate) fn write_core_splice(
     let total: u64 = segs.iter().map(|s| s.filesz).sum();
     let zpfn = zero_pfn();
 
+    let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Job>(PIPES);
+    let (free_tx, free_rx) = std::sync::mpsc::channel::<io::Result<usize>>();
+    let job_rx = std::sync::Mutex::new(job_rx);
     let result = std::thread::scope(|sc| -> Result<()> {
-        use std::sync::mpsc::{channel, sync_channel};
-        let (job_tx, job_rx) = sync_channel::<Job>(PIPES);
-        let (free_tx, free_rx) = channel::<io::Result<usize>>();
         let outr = &out;
         let pr = &pipes_r;
-        let splicer = sc.spawn(move || {
-            for job in job_rx.iter() {
-                let p = pr[job.pipe].as_raw_fd();
-                let r = job
-                    .pieces
-                    .iter()
-                    .try_for_each(|&(off, len)| splice_all(outr, p, off, len));
-                let failed = r.is_err();
-                if free_tx.send(r.map(|_| job.pipe)).is_err() || failed {
-                    return;
-                }
-            }
-        });
+        let job_rx = &job_rx;
+        let splicers: Vec<_> = (0..splicers())
+            .map(|_| {
+                let free_tx = free_tx.clone();
+                sc.spawn(move || loop {
+                    let Ok(job) = job_rx.lock().map_err(|_| ()).and_then(|r| r.recv().map_err(|_| ())) else {
+                        return;
+                    };
+                    let p = pr[job.pipe].as_raw_fd();
+                    let r = job
+                        .pieces
+                        .iter()
+                        .try_for_each(|&(off, len)| splice_all(outr, p, off, len));
+                    let failed = r.is_err();
+                    if free_tx.send(r.map(|_| job.pipe)).is_err() || failed {
+                        return;
+                    }
+                })
+            })
+            .collect();
+        drop(free_tx);
         let mut free: Vec<usize> = (0..PIPES).collect();
         let take_pipe = |free: &mut Vec<usize>| -> Result<usize> {
             if let Some(p) = free.pop() {
@@ -593,6 +620,7 @@ pub(crate) fn write_core_splice(
                 }
                 continue;
             }
+            let (mut rel_from, mut rel_to) = (s.vaddr, s.vaddr);
             let mut a = 0;
             while a < s.filesz {
                 let n = (s.filesz - a).min(cap);
@@ -635,7 +663,6 @@ pub(crate) fn write_core_splice(
                     .collect();
                 let want: u64 = sp.iter().map(|r| (r.1 - r.0) as u64 * page).sum();
                 let mut got = 0u64;
-                let mut efault = false;
                 if want > 0 && !broken {
                     let p = take_pipe(&mut free)?;
                     for (i, r) in sp.iter().enumerate() {
@@ -660,7 +687,8 @@ pub(crate) fn write_core_splice(
                     );
                     match r {
                         Ok(v) if v >= 0 => got = v as u64,
-                        Ok(v) if v == -(libc::EFAULT as i64) => efault = true,
+                        // A page it cannot take (PROT_NONE…): the read path, below.
+                        Ok(v) if v == -(libc::EFAULT as i64) => {}
                         Ok(_) => broken = true,
                         Err(e) => {
                             if crate::proc::Stat::read(clone)
@@ -693,29 +721,21 @@ pub(crate) fn write_core_splice(
                     }
                     st.path.spliced_bytes += got;
                     st.bytes_written += got;
-                    // Release-behind: the pipe keeps the pages until they are on disk.
                     if got > 0 {
-                        let from = base + sp[0].0 as u64 * page;
-                        let mut to = from;
+                        // The end of what went into the pipe.
                         let mut left = got;
                         for r in &sp {
                             let len = ((r.1 - r.0) as u64 * page).min(left);
-                            to = base + r.0 as u64 * page + len;
+                            rel_to = base + r.0 as u64 * page + len;
                             left -= len;
                             if left == 0 {
                                 break;
                             }
                         }
-                        if let Ok(0) =
-                            drv.syscall(SYS_MADVISE, [from, to - from, MADV_DONTNEED, 0, 0, 0])
-                        {
-                            st.path.released_bytes += to - from;
-                        }
                     }
                 }
                 // Whatever did not go into the pipe, and the rseq pages: the read path.
                 let mut left = got;
-                let _ = efault;
                 for r in &runs {
                     let (x, y) = (r.0 as u64 * page, r.1 as u64 * page);
                     match r.2 {
@@ -738,15 +758,27 @@ pub(crate) fn write_core_splice(
                         _ => read_path(s, base + x, y - x, off + a + x, &mut st, false)?,
                     }
                 }
+                // Release-behind: everything below rel_to is on its way to disk (the
+                // pipes keep the pages until it is there) or written: the clone drops it,
+                // a few pipe-fulls at a time.
+                if rel_to - rel_from >= RELEASE_BATCH * cap {
+                    release(&mut drv, rel_from, rel_to, &mut st);
+                    rel_from = rel_to;
+                }
                 a += n;
                 done += n;
                 if !progress.update(done, total) {
                     return Err(Error::Cancelled);
                 }
             }
+            if rel_to > rel_from {
+                release(&mut drv, rel_from, rel_to, &mut st);
+            }
         }
         drop(job_tx);
-        let _ = splicer.join();
+        for h in splicers {
+            let _ = h.join();
+        }
         // Anything the splicing thread reported.
         for r in free_rx.try_iter() {
             if let Err(e) = r {
