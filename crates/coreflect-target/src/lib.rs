@@ -75,6 +75,8 @@ pub struct TargetOptions {
     pub protnone_kib: usize,
     /// A thread rewrites the pattern buffer (same bytes) at this many MiB/s (0: none).
     pub rewrite_mib_s: usize,
+    /// Threads that spin all the time (a busy service).
+    pub busy_threads: usize,
 }
 
 impl Default for TargetOptions {
@@ -100,6 +102,7 @@ impl Default for TargetOptions {
             many_maps: 0,
             protnone_kib: 0,
             rewrite_mib_s: 0,
+            busy_threads: 0,
         }
     }
 }
@@ -134,6 +137,7 @@ impl TargetOptions {
                 "--many-maps" => o.many_maps = num(a)?,
                 "--protnone-kib" => o.protnone_kib = num(a)?,
                 "--rewrite-mib-s" => o.rewrite_mib_s = num(a)?,
+                "--busy-threads" => o.busy_threads = num(a)?,
                 "--exit-after-ms" => o.exit_after_ms = num(a)? as u64,
                 "--exec-after-ms" => o.exec_after_ms = num(a)? as u64,
                 other => return Err(format!("unknown option {other}")),
@@ -398,7 +402,7 @@ fn rewrite_worker(buf: usize, len: usize, mib_s: usize) {
     let t0 = std::time::Instant::now();
     let mut written = 0u64;
     let mut off = 0;
-    loop {
+    while !QUIT.load(Relaxed) {
         let end = (off + step).min(len);
         let mut p = off;
         while p + 4096 <= end {
@@ -590,6 +594,18 @@ pub fn run(o: TargetOptions) -> ! {
         hs.push(spawn(
             "rewrite",
             Box::new(move || rewrite_worker(pattern, len, rate)),
+        ));
+    }
+    for i in 0..o.busy_threads {
+        hs.push(spawn(
+            &format!("busy{i}"),
+            Box::new(|| {
+                while !QUIT.load(Relaxed) {
+                    for _ in 0..10000 {
+                        std::hint::black_box(c().spins.fetch_add(1, Relaxed));
+                    }
+                }
+            }),
         ));
     }
     if o.churn_threads {

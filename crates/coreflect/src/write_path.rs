@@ -93,7 +93,7 @@ pub struct WritePathStats {
 }
 
 /// `PM_MMAP_EXCLUSIVE`: the page is mapped once (by the clone alone).
-const PM_EXCLUSIVE: u64 = 1 << 56;
+pub(crate) const PM_EXCLUSIVE: u64 = 1 << 56;
 const PFN_MASK: u64 = (1 << 55) - 1;
 const SYS_MMAP: u64 = 9;
 const SYS_MADVISE: u64 = 28;
@@ -512,7 +512,11 @@ pub(crate) fn write_core_splice(
             .map(|_| {
                 let free_tx = free_tx.clone();
                 sc.spawn(move || loop {
-                    let Ok(job) = job_rx.lock().map_err(|_| ()).and_then(|r| r.recv().map_err(|_| ())) else {
+                    let Ok(job) = job_rx
+                        .lock()
+                        .map_err(|_| ())
+                        .and_then(|r| r.recv().map_err(|_| ()))
+                    else {
                         return;
                     };
                     let p = pr[job.pipe].as_raw_fd();
@@ -582,6 +586,7 @@ pub(crate) fn write_core_splice(
                 }
                 st.unpopulated_bytes += c.unpopulated;
                 st.zero_bytes += c.zero;
+                // (copy-on-write is counted from the window's pagemap)
                 for u in &c.unreadable {
                     note_unreadable(
                         st,
@@ -636,7 +641,7 @@ pub(crate) fn write_core_splice(
                 for (k, &e) in ents.iter().enumerate() {
                     let addr = base + k as u64 * page;
                     let present = e & (PM_PRESENT | PM_SWAPPED) != 0;
-                    if have_pm && e & PM_PRESENT != 0 && e & PM_EXCLUSIVE != 0 {
+                    if s.sparse && have_pm && e & PM_PRESENT != 0 && e & PM_EXCLUSIVE != 0 {
                         st.path.cow_bytes += page;
                     }
                     let kind = if !present && s.sparse {
