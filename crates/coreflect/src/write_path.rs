@@ -93,7 +93,7 @@ pub struct WritePathStats {
 }
 
 /// `PM_MMAP_EXCLUSIVE`: the page is mapped once (by the clone alone).
-pub(crate) const PM_EXCLUSIVE: u64 = 1 << 56;
+const PM_EXCLUSIVE: u64 = 1 << 56;
 const PFN_MASK: u64 = (1 << 55) - 1;
 const SYS_MMAP: u64 = 9;
 const SYS_MADVISE: u64 = 28;
@@ -821,6 +821,31 @@ pub(crate) fn write_core_splice(
     Ok(Ok(st))
 }
 
+/// Bytes of private anonymous memory the image maps alone (the target has copied them).
+fn exclusive_bytes(mem: &dyn MemoryReader, segs: &[SegmentPlan]) -> u64 {
+    let page = crate::page_size();
+    let mut pm = vec![0u64; 4096];
+    let mut n = 0;
+    for s in segs
+        .iter()
+        .filter(|s| s.sparse && s.source == Source::Image)
+    {
+        let mut a = 0;
+        while a < s.filesz {
+            let k = ((s.filesz - a) / page).min(pm.len() as u64) as usize;
+            if !mem.pagemap(s.source, s.vaddr + a, &mut pm[..k]) {
+                break;
+            }
+            n += pm[..k]
+                .iter()
+                .filter(|&&e| e & PM_PRESENT != 0 && e & PM_EXCLUSIVE != 0)
+                .count() as u64;
+            a += k as u64 * page;
+        }
+    }
+    n * page
+}
+
 /// Writes a whole core into `file` by `path`: `clone` is the image's clone and its
 /// `syscall` instruction (reflect mode), `rseq` its rseq area as the snapshot holds it.
 #[allow(clippy::too_many_arguments)]
@@ -840,6 +865,8 @@ pub(crate) fn write_core_file(
         let mut st = write_core(&mut sink, notes, segs, mem, progress)?;
         st.path.used = "read".into();
         st.path.fallback = why;
+        // The clone kept every page to the end: all it holds alone now was copied.
+        st.path.cow_bytes = exclusive_bytes(mem, segs);
         Ok(st)
     };
     let Some((clone, insn)) = clone else {
@@ -859,6 +886,7 @@ pub(crate) fn write_core_file(
             match write_core_direct(file, notes, segs, mem, &d, progress) {
                 Ok(mut st) => {
                     st.path.used = "pwrite".into();
+                    st.path.cow_bytes = exclusive_bytes(mem, segs);
                     Ok(st)
                 }
                 Err(Error::Cancelled) => Err(Error::Cancelled),

@@ -344,8 +344,6 @@ pub(crate) struct Chunk {
     pub(crate) data: Vec<bool>,
     pub(crate) unpopulated: u64,
     pub(crate) zero: u64,
-    /// Bytes of pages the image held exclusively (the target had copied them).
-    pub(crate) cow: u64,
     pub(crate) unreadable: Vec<Unreadable>,
 }
 
@@ -377,15 +375,8 @@ pub(crate) fn fill_chunk(
     let pages = len / page;
     pm.resize(pages.max(pm.len()), 0);
     let present = &mut pm[..pages];
-    let mut cow = 0;
     if !(s.sparse && mem.pagemap(s.source, addr, present)) {
         present.fill(PM_PRESENT);
-    } else {
-        cow = present
-            .iter()
-            .filter(|&&e| e & PM_PRESENT != 0 && e & crate::write_path::PM_EXCLUSIVE != 0)
-            .count() as u64
-            * page as u64;
     }
     let mut st = WriteStats::default();
     let chunk = &mut buf[..len];
@@ -422,7 +413,6 @@ pub(crate) fn fill_chunk(
         data,
         unpopulated,
         zero,
-        cow,
         unreadable: st.unreadable,
     }
 }
@@ -457,7 +447,6 @@ fn emit_chunk(
     *pos += c.len as u64;
     st.unpopulated_bytes += c.unpopulated;
     st.zero_bytes += c.zero;
-    st.path.cow_bytes += c.cow;
     for u in &c.unreadable {
         match st.unreadable.last_mut() {
             Some(l) if l.end == u.start && l.name == u.name => l.end = u.end,
