@@ -101,7 +101,7 @@ const SYS_VMSPLICE: u64 = 278;
 const MADV_DONTNEED: u64 = 4;
 const SPLICE_F_NONBLOCK: u64 = 2;
 /// Pipes in flight: the clone fills one while coreflect drains the others.
-const PIPES: usize = 4;
+const PIPES: usize = 8;
 
 /// Pipe-fulls the clone drops at a time (one `madvise` instead of one per `vmsplice`).
 const RELEASE_BATCH: u64 = 4;
@@ -118,7 +118,7 @@ fn splicers() -> usize {
     std::env::var("COREFLECT_SPLICERS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(2)
+        .unwrap_or(4)
         .clamp(1, PIPES)
 }
 
