@@ -601,7 +601,8 @@ pub(crate) fn write_core_splice(
             }
             Ok(())
         };
-        for (s, &off) in segs.iter().zip(&lay.data_offsets) {
+        let hot = hot_start(mem, segs);
+        for (si, (s, &off)) in segs.iter().zip(&lay.data_offsets).enumerate() {
             if s.filesz == 0 {
                 continue;
             }
@@ -625,159 +626,167 @@ pub(crate) fn write_core_splice(
                 }
                 continue;
             }
-            let (mut rel_from, mut rel_to) = (s.vaddr, s.vaddr);
-            let mut a = 0;
-            while a < s.filesz {
-                let n = (s.filesz - a).min(cap);
-                let base = s.vaddr + a;
-                let pages = (n / page) as usize;
-                let ents = &mut pm[..pages];
-                let have_pm = mem.pagemap(s.source, base, ents);
-                if !have_pm {
-                    ents.fill(PM_PRESENT);
-                }
-                // Classify: (first page, end page, kind) with kind 0 hole, 1 splice, 2 read.
-                let mut runs: Vec<(usize, usize, u8)> = Vec::new();
-                for (k, &e) in ents.iter().enumerate() {
-                    let addr = base + k as u64 * page;
-                    let present = e & (PM_PRESENT | PM_SWAPPED) != 0;
-                    if s.sparse && have_pm && e & PM_PRESENT != 0 && e & PM_EXCLUSIVE != 0 {
-                        st.path.cow_bytes += page;
+            // Where the target is writing, start there (see `hot_start`), then wrap around.
+            let rot = if Some(si) == hot.map(|h| h.0) {
+                hot.map_or(0, |h| h.1)
+            } else {
+                0
+            };
+            for (lo, hi) in [(rot, s.filesz), (0, rot)] {
+                let (mut rel_from, mut rel_to) = (s.vaddr + lo, s.vaddr + lo);
+                let mut a = lo;
+                while a < hi {
+                    let n = (hi - a).min(cap);
+                    let base = s.vaddr + a;
+                    let pages = (n / page) as usize;
+                    let ents = &mut pm[..pages];
+                    let have_pm = mem.pagemap(s.source, base, ents);
+                    if !have_pm {
+                        ents.fill(PM_PRESENT);
                     }
-                    let kind = if !present && s.sparse {
-                        st.unpopulated_bytes += page;
-                        0
-                    } else if e & PM_PRESENT != 0 && zpfn != 0 && e & PFN_MASK == zpfn {
-                        st.zero_bytes += page;
-                        0
-                    } else if rseq_range.is_some_and(|(x, y)| addr >= x && addr < y) {
-                        2
-                    } else {
-                        1
-                    };
-                    match runs.last_mut() {
-                        Some(r) if r.1 == k && r.2 == kind => r.1 = k + 1,
-                        _ => runs.push((k, k + 1, kind)),
+                    // Classify: (first page, end page, kind) with kind 0 hole, 1 splice, 2 read.
+                    let mut runs: Vec<(usize, usize, u8)> = Vec::new();
+                    for (k, &e) in ents.iter().enumerate() {
+                        let addr = base + k as u64 * page;
+                        let present = e & (PM_PRESENT | PM_SWAPPED) != 0;
+                        if s.sparse && have_pm && e & PM_PRESENT != 0 && e & PM_EXCLUSIVE != 0 {
+                            st.path.cow_bytes += page;
+                        }
+                        let kind = if !present && s.sparse {
+                            st.unpopulated_bytes += page;
+                            0
+                        } else if e & PM_PRESENT != 0 && zpfn != 0 && e & PFN_MASK == zpfn {
+                            st.zero_bytes += page;
+                            0
+                        } else if rseq_range.is_some_and(|(x, y)| addr >= x && addr < y) {
+                            2
+                        } else {
+                            1
+                        };
+                        match runs.last_mut() {
+                            Some(r) if r.1 == k && r.2 == kind => r.1 = k + 1,
+                            _ => runs.push((k, k + 1, kind)),
+                        }
                     }
-                }
-                // The splice runs, in one vmsplice.
-                let sp: Vec<(usize, usize)> = runs
-                    .iter()
-                    .filter(|r| r.2 == 1)
-                    .map(|r| (r.0, r.1))
-                    .collect();
-                let want: u64 = sp.iter().map(|r| (r.1 - r.0) as u64 * page).sum();
-                let mut got = 0u64;
-                if want > 0 && !broken {
-                    let p = take_pipe(&mut free)?;
-                    for (i, r) in sp.iter().enumerate() {
-                        iov[i * 16..i * 16 + 8]
-                            .copy_from_slice(&(base + r.0 as u64 * page).to_le_bytes());
-                        iov[i * 16 + 8..i * 16 + 16]
-                            .copy_from_slice(&((r.1 - r.0) as u64 * page).to_le_bytes());
-                    }
-                    clone_mem
-                        .write_all_at(&iov[..sp.len() * 16], scratch)
-                        .map_err(|e| Error::io("writing into the clone's scratch page", e))?;
-                    let r = drv.syscall(
-                        SYS_VMSPLICE,
-                        [
-                            clone_fds[p],
-                            scratch,
-                            sp.len() as u64,
-                            SPLICE_F_NONBLOCK,
-                            0,
-                            0,
-                        ],
-                    );
-                    match r {
-                        Ok(v) if v >= 0 => got = v as u64,
-                        // A page it cannot take (PROT_NONE…): the read path, below.
-                        Ok(v) if v == -(libc::EFAULT as i64) => {}
-                        Ok(_) => broken = true,
-                        Err(e) => {
-                            if crate::proc::Stat::read(clone)
-                                .is_ok_and(|x| matches!(x.state, 't' | 'T'))
-                            {
-                                broken = true;
-                            } else {
-                                return Err(e);
+                    // The splice runs, in one vmsplice.
+                    let sp: Vec<(usize, usize)> = runs
+                        .iter()
+                        .filter(|r| r.2 == 1)
+                        .map(|r| (r.0, r.1))
+                        .collect();
+                    let want: u64 = sp.iter().map(|r| (r.1 - r.0) as u64 * page).sum();
+                    let mut got = 0u64;
+                    if want > 0 && !broken {
+                        let p = take_pipe(&mut free)?;
+                        for (i, r) in sp.iter().enumerate() {
+                            iov[i * 16..i * 16 + 8]
+                                .copy_from_slice(&(base + r.0 as u64 * page).to_le_bytes());
+                            iov[i * 16 + 8..i * 16 + 16]
+                                .copy_from_slice(&((r.1 - r.0) as u64 * page).to_le_bytes());
+                        }
+                        clone_mem
+                            .write_all_at(&iov[..sp.len() * 16], scratch)
+                            .map_err(|e| Error::io("writing into the clone's scratch page", e))?;
+                        let r = drv.syscall(
+                            SYS_VMSPLICE,
+                            [
+                                clone_fds[p],
+                                scratch,
+                                sp.len() as u64,
+                                SPLICE_F_NONBLOCK,
+                                0,
+                                0,
+                            ],
+                        );
+                        match r {
+                            Ok(v) if v >= 0 => got = v as u64,
+                            // A page it cannot take (PROT_NONE…): the read path, below.
+                            Ok(v) if v == -(libc::EFAULT as i64) => {}
+                            Ok(_) => broken = true,
+                            Err(e) => {
+                                if crate::proc::Stat::read(clone)
+                                    .is_ok_and(|x| matches!(x.state, 't' | 'T'))
+                                {
+                                    broken = true;
+                                } else {
+                                    return Err(e);
+                                }
                             }
                         }
-                    }
-                    // What went into the pipe, as file pieces.
-                    let mut pieces = Vec::new();
-                    let mut left = got;
-                    for r in &sp {
-                        if left == 0 {
-                            break;
-                        }
-                        let len = ((r.1 - r.0) as u64 * page).min(left);
-                        pieces.push((off + a + r.0 as u64 * page, len));
-                        left -= len;
-                    }
-                    if pieces.is_empty() {
-                        free.push(p);
-                    } else if job_tx.send(Job { pipe: p, pieces }).is_err() {
-                        return Err(Error::io(
-                            "splicing the clone's memory into the core",
-                            io::Error::other("the splicing thread stopped"),
-                        ));
-                    }
-                    st.path.spliced_bytes += got;
-                    st.bytes_written += got;
-                    if got > 0 {
-                        // The end of what went into the pipe.
+                        // What went into the pipe, as file pieces.
+                        let mut pieces = Vec::new();
                         let mut left = got;
                         for r in &sp {
-                            let len = ((r.1 - r.0) as u64 * page).min(left);
-                            rel_to = base + r.0 as u64 * page + len;
-                            left -= len;
                             if left == 0 {
                                 break;
                             }
+                            let len = ((r.1 - r.0) as u64 * page).min(left);
+                            pieces.push((off + a + r.0 as u64 * page, len));
+                            left -= len;
                         }
-                    }
-                }
-                // Whatever did not go into the pipe, and the rseq pages: the read path.
-                let mut left = got;
-                for r in &runs {
-                    let (x, y) = (r.0 as u64 * page, r.1 as u64 * page);
-                    match r.2 {
-                        0 => {}
-                        1 => {
-                            let taken = left.min(y - x);
-                            left -= taken;
-                            if taken < y - x {
-                                read_path(
-                                    s,
-                                    base + x + taken,
-                                    y - x - taken,
-                                    off + a + x + taken,
-                                    &mut st,
-                                    true,
-                                )?;
-                                st.path.read_runs += 1;
+                        if pieces.is_empty() {
+                            free.push(p);
+                        } else if job_tx.send(Job { pipe: p, pieces }).is_err() {
+                            return Err(Error::io(
+                                "splicing the clone's memory into the core",
+                                io::Error::other("the splicing thread stopped"),
+                            ));
+                        }
+                        st.path.spliced_bytes += got;
+                        st.bytes_written += got;
+                        if got > 0 {
+                            // The end of what went into the pipe.
+                            let mut left = got;
+                            for r in &sp {
+                                let len = ((r.1 - r.0) as u64 * page).min(left);
+                                rel_to = base + r.0 as u64 * page + len;
+                                left -= len;
+                                if left == 0 {
+                                    break;
+                                }
                             }
                         }
-                        _ => read_path(s, base + x, y - x, off + a + x, &mut st, false)?,
+                    }
+                    // Whatever did not go into the pipe, and the rseq pages: the read path.
+                    let mut left = got;
+                    for r in &runs {
+                        let (x, y) = (r.0 as u64 * page, r.1 as u64 * page);
+                        match r.2 {
+                            0 => {}
+                            1 => {
+                                let taken = left.min(y - x);
+                                left -= taken;
+                                if taken < y - x {
+                                    read_path(
+                                        s,
+                                        base + x + taken,
+                                        y - x - taken,
+                                        off + a + x + taken,
+                                        &mut st,
+                                        true,
+                                    )?;
+                                    st.path.read_runs += 1;
+                                }
+                            }
+                            _ => read_path(s, base + x, y - x, off + a + x, &mut st, false)?,
+                        }
+                    }
+                    // Release-behind: everything below rel_to is on its way to disk (the
+                    // pipes keep the pages until it is there) or written: the clone drops it,
+                    // a few pipe-fulls at a time.
+                    if rel_to - rel_from >= RELEASE_BATCH * cap {
+                        release(&mut drv, rel_from, rel_to, &mut st);
+                        rel_from = rel_to;
+                    }
+                    a += n;
+                    done += n;
+                    if !progress.update(done, total) {
+                        return Err(Error::Cancelled);
                     }
                 }
-                // Release-behind: everything below rel_to is on its way to disk (the
-                // pipes keep the pages until it is there) or written: the clone drops it,
-                // a few pipe-fulls at a time.
-                if rel_to - rel_from >= RELEASE_BATCH * cap {
+                if rel_to > rel_from {
                     release(&mut drv, rel_from, rel_to, &mut st);
-                    rel_from = rel_to;
                 }
-                a += n;
-                done += n;
-                if !progress.update(done, total) {
-                    return Err(Error::Cancelled);
-                }
-            }
-            if rel_to > rel_from {
-                release(&mut drv, rel_from, rel_to, &mut st);
             }
         }
         drop(job_tx);
@@ -819,6 +828,45 @@ pub(crate) fn write_core_splice(
     };
     st.path.fallback = fallback;
     Ok(Ok(st))
+}
+
+/// Where to start writing: the target's writes since the snapshot show in the clone's
+/// pagemap as pages the clone now maps alone. A writer that moves forward through its
+/// memory (a log, a ring buffer, an arena, a rewrite) is at the end of the longest such run;
+/// starting the dump there keeps the dump ahead of it (every page it reaches has already
+/// been released) instead of letting it copy the pages in front of the dump. Returns the
+/// segment's index and the offset in it (page-aligned), or `None` if nothing was written.
+fn hot_start(mem: &dyn MemoryReader, segs: &[SegmentPlan]) -> Option<(usize, u64)> {
+    let page = crate::page_size();
+    let mut pm = vec![0u64; 4096];
+    // (length, segment, end offset) of the longest run of exclusive pages.
+    let mut best: Option<(u64, usize, u64)> = None;
+    for (i, s) in segs.iter().enumerate() {
+        if !(s.sparse && s.source == Source::Image) {
+            continue;
+        }
+        let (mut run, mut a) = (0u64, 0u64);
+        while a < s.filesz {
+            let k = ((s.filesz - a) / page).min(pm.len() as u64) as usize;
+            if !mem.pagemap(s.source, s.vaddr + a, &mut pm[..k]) {
+                return None;
+            }
+            for (j, &e) in pm[..k].iter().enumerate() {
+                if e & PM_PRESENT != 0 && e & PM_EXCLUSIVE != 0 {
+                    run += 1;
+                    let end = a + (j as u64 + 1) * page;
+                    if best.map_or(true, |b| run > b.0) {
+                        best = Some((run, i, end));
+                    }
+                } else if e & PM_PRESENT != 0 {
+                    run = 0;
+                }
+            }
+            a += k as u64 * page;
+        }
+    }
+    best.filter(|b| b.0 >= 4)
+        .map(|b| (b.1, b.2 % segs[b.1].filesz))
 }
 
 /// Bytes of private anonymous memory the image maps alone (the target has copied them).
