@@ -8,13 +8,15 @@
 //!   pinned (pinning a copy-on-write page would make the kernel copy it), none goes through
 //!   the page cache. The clone gets the pipes' write ends over `SCM_RIGHTS` after its file
 //!   table has been unshared and emptied (see [`crate::direct`]).
-//! - **Release-behind.** Right after each `vmsplice`, the clone drops the range
-//!   (`madvise(MADV_DONTNEED)`): the pipe's references keep the snapshot's bytes until they
-//!   are on disk, and as soon as they are, the target's next write to such a page finds it
-//!   mapped once and reuses it instead of copying it. Dropping right after `vmsplice` rather
-//!   than after the pipe is drained costs nothing more (the pipe's reference alone blocks
-//!   reuse until the data is on disk) and needs no second pass, so the clone's share of the
-//!   memory disappears as fast as the dump advances, in address order.
+//! - **Release-behind.** Once a few pipe-fulls have been `vmsplice`d, the clone drops them
+//!   (`madvise(MADV_DONTNEED)`), without waiting for the pipes to drain: the pipes'
+//!   references keep the snapshot's bytes until they are on disk, and as soon as they are,
+//!   the target's next write to such a page finds it mapped once and reuses it instead of
+//!   copying it. Waiting for the drain would add nothing (the pipe's reference alone blocks
+//!   reuse until the data is on disk) but a round trip.
+//! - **Order.** The pass starts where the target is writing (see `hot_start`) and wraps
+//!   around, so a writer moving forward meets released pages rather than copying the ones
+//!   ahead of the dump.
 //! - **Fallbacks**, silent but counted in [`WritePathStats`]: the output refuses `O_DIRECT`
 //!   → the same splices into the file buffered; a run `vmsplice` cannot take (`EFAULT`:
 //!   `PROT_NONE`, device memory…), memory read from the live target, and the pages holding
