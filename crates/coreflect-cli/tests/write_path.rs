@@ -294,6 +294,7 @@ fn a_clone_killed_mid_splice_fails_the_dump_and_keeps_nothing() {
     let resume = d.join("resume");
     let out = d.join("k.core");
     let (child, clone, err) = dump_stalled(&t, &out, &resume, 50);
+    // SAFETY: kill has no memory effects; `clone` is the target's only child, the clone.
     unsafe { libc::kill(clone, libc::SIGKILL) };
     std::fs::write(&resume, "").unwrap();
     let o = child.wait_with_output().unwrap();

@@ -406,6 +406,8 @@ fn rewrite_worker(buf: usize, len: usize, mib_s: usize) {
         let end = (off + step).min(len);
         let mut p = off;
         while p + 4096 <= end {
+            // SAFETY: [buf, buf+len) is the pattern buffer, mapped for the process's life;
+            // p + 4096 <= len. Other threads only read it, and these are its own bytes.
             unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), (buf + p) as *mut u8, 4096) };
             p += 4096;
         }
@@ -515,6 +517,7 @@ pub fn run(o: TargetOptions) -> ! {
     if o.protnone_kib > 0 {
         let n = o.protnone_kib << 10;
         let p = mmap_anon(n);
+        // SAFETY: a fresh mapping of n bytes, ours alone.
         unsafe {
             std::ptr::write_bytes(p as *mut u8, 0xEF, n);
             assert_eq!(libc::mprotect(p as *mut _, n, libc::PROT_NONE), 0);

@@ -459,10 +459,10 @@ pub(crate) fn write_core_splice(
         .map_err(|e| Error::io("opening the clone's memory for writing", e))?;
     drop(setup);
     let mut drv = Driver::new(clone, insn)?;
-    // Scheduling: see README ("Write path"). The clone runs only for an injected syscall
-    // of microseconds at a time and must get the CPU at once, so it gets coreflect's own
-    // policy and nice value (a nice-10 clone behind a busy target waited milliseconds per
-    // syscall).
+    // Scheduling: see README ("The write path"). The clone runs only for an injected
+    // syscall of microseconds at a time but must get the CPU at once: on top of the
+    // ordinary policy and coreflect's CPUs (set up above), coreflect's own nice value, not
+    // nice 10 (a nice-10 clone behind a busy target made dumps take 16-68 s per GiB).
     // SAFETY: scheduling calls on the clone's pid, no memory effects.
     unsafe {
         let nice = libc::getpriority(libc::PRIO_PROCESS, 0);
