@@ -10,11 +10,14 @@
 //! ```text
 //! coreflect-bench [--sizes 1,4] [--no-thp] [--sparse] [--threads 2000] [--quick]
 //!                 [--runs N] [--dir DIR] [--no-gcore] [--coreflect PATH]
+//! coreflect-bench --write-path [--sizes 1] [--no-thp] [--runs N] [--rewrite-mib-s 512]
+//!                 [--busy-threads 1]
 //! ```
 
 mod exec;
 mod report;
 mod stats;
+mod writepath;
 
 use exec::{interrupted, run_measured, RemoveOnDrop, Target};
 use stats::Sample;
@@ -42,6 +45,10 @@ target, gcore and dd, on fresh test targets; prints a Markdown table on stdout.
                     end; default: a fresh directory under /tmp)
   --no-gcore        skip gcore
   --coreflect PATH  the coreflect binary (default: next to this executable)
+  --write-path      instead: the write phase on a busy target (spinning threads, heap
+                    rewritten at --rewrite-mib-s, default 512; --busy-threads, default 1):
+                    zero-copy path vs read path vs dd oflag=direct; CPU, page cache,
+                    AnonPages growth (see src/writepath.rs)
 ";
 
 /// Command-line options.
@@ -63,6 +70,12 @@ pub struct Args {
     pub gcore: bool,
     /// The coreflect binary.
     pub coreflect: Option<PathBuf>,
+    /// Run the write-path benchmark instead.
+    pub write_path: bool,
+    /// Its target's heap rewrite rate (MiB/s).
+    pub rewrite_mib_s: usize,
+    /// Its target's spinning threads.
+    pub busy_threads: usize,
 }
 
 impl Args {
@@ -77,6 +90,9 @@ impl Args {
             dir: None,
             gcore: true,
             coreflect: None,
+            write_path: false,
+            rewrite_mib_s: 512,
+            busy_threads: 1,
         };
         let mut quick = false;
         let mut it = args.iter();
@@ -122,6 +138,19 @@ impl Args {
                 "--dir" => a.dir = Some(PathBuf::from(value()?)),
                 "--no-gcore" => a.gcore = false,
                 "--coreflect" => a.coreflect = Some(PathBuf::from(value()?)),
+                "--write-path" => a.write_path = true,
+                "--rewrite-mib-s" => {
+                    let v = value()?;
+                    a.rewrite_mib_s = v
+                        .parse()
+                        .map_err(|_| format!("--rewrite-mib-s: '{v}' is not a number"))?;
+                }
+                "--busy-threads" => {
+                    let v = value()?;
+                    a.busy_threads = v
+                        .parse()
+                        .map_err(|_| format!("--busy-threads: '{v}' is not a number"))?;
+                }
                 "-h" | "--help" => return Err(String::new()),
                 other => return Err(format!("unknown argument '{other}'")),
             }
@@ -879,6 +908,22 @@ fn run() -> i32 {
             return 2;
         }
     };
+    if a.write_path {
+        let facts = machine_facts(&work.0);
+        eprintln!("coreflect-bench: {facts}");
+        let table = writepath::run(
+            &coreflect,
+            &work.0,
+            &a.sizes,
+            a.thp,
+            a.runs,
+            a.rewrite_mib_s,
+            a.busy_threads,
+        );
+        drop(work);
+        print!("{facts}\n\n{table}");
+        return if interrupted() { 130 } else { 0 };
+    }
     let ctx = Ctx {
         coreflect,
         dir: work.0.clone(),

@@ -13,6 +13,7 @@ mod warden;
 mod watch;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use coreflect::write_path::WritePath;
 use coreflect::{DumpOptions, Mode, Options, Phase};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -122,10 +123,29 @@ pub struct DumpArgs {
     /// Print nothing but errors (no progress bar, no summary, no warnings).
     #[arg(short, long)]
     quiet: bool,
-    /// Let the clone write its own memory into the core (one copy instead of three; its CPU
-    /// time then shows in the target's children's times).
-    #[arg(long)]
+    /// How memory reaches the core: auto (zero-copy splice where possible, else read),
+    /// splice (or fail), read (/proc/CLONE/mem), pwrite (the clone writes; diagnostic).
+    #[arg(long, value_enum, default_value = "auto")]
+    write_path: WritePathArg,
+    /// Former opt-in for the clone writing its memory: now the default; same as
+    /// `--write-path splice`.
+    #[arg(long, hide = true)]
     direct_write: bool,
+    /// Run coreflect (and the clone's injected syscalls) at this nice value (-20..19).
+    #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
+    nice: Option<i32>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum WritePathArg {
+    /// Zero-copy splice where it works, else read.
+    Auto,
+    /// The clone vmsplices, coreflect splices into the core opened O_DIRECT; fail if impossible.
+    Splice,
+    /// Read /proc/CLONE/mem and write (two kernel copies per page).
+    Read,
+    /// The clone pwrites its own memory (one copy per page; diagnostic).
+    Pwrite,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -238,6 +258,31 @@ pub fn test_hook(cancel: Arc<AtomicBool>) -> Option<coreflect::snapshot::PhaseHo
     }))
 }
 
+/// The progress test hook: with `COREFLECT_TEST_STALL_AT=<percent>` and
+/// `COREFLECT_TEST_RESUME=<path>`, the write stops once that share of the memory is
+/// processed, says so on stderr, and goes on when the file at `<path>` exists (or on
+/// cancel), so tests can look at (or kill) the clone mid-write.
+fn test_stall(cancel: Arc<AtomicBool>) -> impl FnMut(u64, u64) {
+    let at: Option<u64> = std::env::var("COREFLECT_TEST_STALL_AT")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let resume = std::env::var_os("COREFLECT_TEST_RESUME").map(PathBuf::from);
+    let mut fired = false;
+    move |done, total| {
+        let (Some(at), Some(resume)) = (at, resume.as_ref()) else {
+            return;
+        };
+        if fired || total == 0 || done * 100 < at * total {
+            return;
+        }
+        fired = true;
+        eprintln!("coreflect: test stall at {at}%");
+        while !resume.exists() && !cancel.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
 /// Runs `coreflect dump`; returns the exit code.
 pub fn run_dump(a: &DumpArgs) -> i32 {
     let pid = match i32::try_from(a.pid) {
@@ -276,6 +321,16 @@ pub fn run_dump(a: &DumpArgs) -> i32 {
             PathBuf::from(name)
         }
     };
+    if let Some(n) = a.nice {
+        // SAFETY: setpriority on this process only. Threads started later inherit it.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, n) } != 0 {
+            eprintln!(
+                "coreflect: error: setting nice {n}: {} (raising priority needs root)",
+                std::io::Error::last_os_error()
+            );
+            return 1;
+        }
+    }
     warden::run_guarded(|cancel| dump_in_warden(a, pid, output, to_stdout, cancel))
 }
 
@@ -286,6 +341,7 @@ fn dump_in_warden(
     to_stdout: bool,
     cancel: Arc<AtomicBool>,
 ) -> i32 {
+    let cancel_for_stall = cancel.clone();
     let opts = DumpOptions {
         snapshot: Options {
             mode: match a.mode {
@@ -296,8 +352,13 @@ fn dump_in_warden(
             stop_timeout: a.stop_timeout,
             max_pause: a.max_pause,
             cancel: Some(cancel.clone()),
-            hook: test_hook(cancel),
-            direct_write: a.direct_write,
+            hook: test_hook(cancel.clone()),
+            write_path: match (a.write_path, a.direct_write) {
+                (WritePathArg::Auto, true) | (WritePathArg::Splice, _) => WritePath::Splice,
+                (WritePathArg::Auto, false) => WritePath::Auto,
+                (WritePathArg::Read, _) => WritePath::Read,
+                (WritePathArg::Pwrite, _) => WritePath::Pwrite,
+            },
         },
         output,
         overwrite: a.overwrite,
@@ -309,7 +370,11 @@ fn dump_in_warden(
     // With the core on stdout, the report goes to stderr.
     let json_stdout = a.json && !to_stdout;
     let mut progress = progress::Bar::new(!a.quiet && !a.json);
-    match coreflect::dump(pid, &opts, &mut |d, t| progress.update(d, t)) {
+    let mut stall = test_stall(cancel_for_stall);
+    match coreflect::dump(pid, &opts, &mut |d, t| {
+        stall(d, t);
+        progress.update(d, t)
+    }) {
         Ok(r) => {
             progress.clear();
             if let Some(p) = &a.json_file {

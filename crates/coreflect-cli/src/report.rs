@@ -60,6 +60,9 @@ struct JsonReport<'a> {
     zero_bytes: u64,
     written_by_clone: u64,
     live_bytes: u64,
+    write_path: JsonWritePath<'a>,
+    clone_cpu_ms: f64,
+    cow_bytes: u64,
     duration_ms: u64,
     level: &'a str,
     compressed_size: Option<u64>,
@@ -103,12 +106,41 @@ pub fn report_json(r: &DumpReport) -> String {
         zero_bytes: r.zero_bytes,
         written_by_clone: r.written_by_clone,
         live_bytes: r.live_bytes,
+        write_path: JsonWritePath::from(&r.write_path),
+        clone_cpu_ms: (r.write_path.clone_cpu_ms * 10.0).round() / 10.0,
+        cow_bytes: r.write_path.cow_bytes,
         duration_ms: r.duration_ms,
         level: r.level.as_str(),
         compressed_size: r.compressed_size,
         warnings: &r.warnings,
     };
     serde_json::to_string(&report).expect("a report serializes")
+}
+
+/// How memory reached the file, as JSON.
+#[derive(Serialize)]
+struct JsonWritePath<'a> {
+    used: &'a str,
+    fallback: &'a str,
+    spliced_bytes: u64,
+    read_bytes: u64,
+    read_runs: u64,
+    released_bytes: u64,
+    injections: u64,
+}
+
+impl<'a> From<&'a coreflect::write_path::WritePathStats> for JsonWritePath<'a> {
+    fn from(w: &'a coreflect::write_path::WritePathStats) -> Self {
+        JsonWritePath {
+            used: &w.used,
+            fallback: &w.fallback,
+            spliced_bytes: w.spliced_bytes,
+            read_bytes: w.read_bytes,
+            read_runs: w.read_runs,
+            released_bytes: w.released_bytes,
+            injections: w.injections,
+        }
+    }
 }
 
 /// Prints the report of a successful dump.
@@ -187,6 +219,28 @@ pub fn success(json: bool, r: &DumpReport) {
             bytes(r.live_bytes)
         );
     }
+    let w = &r.write_path;
+    let _ = writeln!(
+        e,
+        "  write path {}{}; clone CPU {:.1} ms; target copied {} while the clone lived{}",
+        w.used,
+        if w.read_runs > 0 {
+            format!(
+                " ({} runs, {} read instead)",
+                w.read_runs,
+                bytes(w.read_bytes)
+            )
+        } else {
+            String::new()
+        },
+        w.clone_cpu_ms,
+        bytes(w.cow_bytes),
+        if w.fallback.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", w.fallback)
+        }
+    );
     for w in &r.warnings {
         let _ = writeln!(e, "  warning: {}", text(w));
     }

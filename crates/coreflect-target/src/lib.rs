@@ -93,6 +93,12 @@ pub struct TargetOptions {
     pub exit_main: bool,
     /// Size of a `MAP_SHARED` anonymous (shmem) region (KiB), 0 for none.
     pub shared_kib: usize,
+    /// A populated region of this many KiB made PROT_NONE afterwards (0: none).
+    pub protnone_kib: usize,
+    /// A thread rewrites the pattern buffer (same bytes) at this many MiB/s (0: none).
+    pub rewrite_mib_s: usize,
+    /// Threads that spin all the time (a busy service).
+    pub busy_threads: usize,
 }
 
 impl Default for TargetOptions {
@@ -124,6 +130,9 @@ impl Default for TargetOptions {
             vdso: None,
             exit_main: false,
             shared_kib: 0,
+            protnone_kib: 0,
+            rewrite_mib_s: 0,
+            busy_threads: 0,
         }
     }
 }
@@ -158,6 +167,9 @@ impl TargetOptions {
                 "--many-maps" => o.many_maps = num(a)?,
                 "--signal-masks" => o.signal_masks = true,
                 "--shared-kib" => o.shared_kib = num(a)?,
+                "--protnone-kib" => o.protnone_kib = num(a)?,
+                "--rewrite-mib-s" => o.rewrite_mib_s = num(a)?,
+                "--busy-threads" => o.busy_threads = num(a)?,
                 "--exit-after-ms" => o.exit_after_ms = num(a)? as u64,
                 "--exec-after-ms" => o.exec_after_ms = num(a)? as u64,
                 "--seccomp-worker" => o.seccomp_worker = true,
@@ -490,6 +502,33 @@ pub fn idle_worker() {
     }
 }
 
+/// Rewrites the pattern buffer with its own bytes at `mib_s` MiB/s, 1 MiB at a time, round
+/// and round (every page it writes is a copy-on-write fault while a clone shares it).
+fn rewrite_worker(buf: usize, len: usize, mib_s: usize) {
+    // Every page of the pattern holds the same bytes (the pattern's period divides 4096).
+    let page: Vec<u8> = (0..4096).map(pattern_byte).collect();
+    let step = 1 << 20;
+    let t0 = std::time::Instant::now();
+    let mut written = 0u64;
+    let mut off = 0;
+    while !QUIT.load(Relaxed) {
+        let end = (off + step).min(len);
+        let mut p = off;
+        while p + 4096 <= end {
+            // SAFETY: [buf, buf+len) is the pattern buffer, mapped for the process's life;
+            // p + 4096 <= len. Other threads only read it, and these are its own bytes.
+            unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), (buf + p) as *mut u8, 4096) };
+            p += 4096;
+        }
+        written += (end - off) as u64;
+        off = if end >= len { 0 } else { end };
+        let due = Duration::from_secs_f64(written as f64 / (mib_s as f64 * 1048576.0));
+        if let Some(wait) = due.checked_sub(t0.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
 fn mmap_anon(len: usize) -> usize {
     let p = unsafe {
         libc::mmap(
@@ -606,6 +645,16 @@ pub fn run(o: TargetOptions) -> ! {
         unsafe { std::ptr::write_bytes(p as *mut u8, 0xE5, n) };
         extra += &format!(" shm_addr={:#x} shm_len={n}", p as usize);
     }
+    if o.protnone_kib > 0 {
+        let n = o.protnone_kib << 10;
+        let p = mmap_anon(n);
+        // SAFETY: a fresh mapping of n bytes, ours alone.
+        unsafe {
+            std::ptr::write_bytes(p as *mut u8, 0xEF, n);
+            assert_eq!(libc::mprotect(p as *mut _, n, libc::PROT_NONE), 0);
+        }
+        extra += &format!(" protnone_addr={p:#x} protnone_len={n}");
+    }
     if o.many_maps > 0 {
         // Alternate protections page by page: every page becomes a mapping of its own.
         let n = o.many_maps * 4096;
@@ -684,6 +733,25 @@ pub fn run(o: TargetOptions) -> ! {
     }
     for i in 0..o.extra_threads {
         hs.push(spawn(&format!("idle{i}"), Box::new(idle_worker)));
+    }
+    if o.rewrite_mib_s > 0 {
+        let rate = o.rewrite_mib_s;
+        hs.push(spawn(
+            "rewrite",
+            Box::new(move || rewrite_worker(pattern, len, rate)),
+        ));
+    }
+    for i in 0..o.busy_threads {
+        hs.push(spawn(
+            &format!("busy{i}"),
+            Box::new(|| {
+                while !QUIT.load(Relaxed) {
+                    for _ in 0..10000 {
+                        std::hint::black_box(c().spins.fetch_add(1, Relaxed));
+                    }
+                }
+            }),
+        ));
     }
     if o.churn_threads {
         hs.push(spawn("churn-threads", Box::new(thread_churner)));
@@ -834,12 +902,6 @@ pub fn run(o: TargetOptions) -> ! {
                     c().waitpid_children.store(w0, SeqCst);
                     println!("FORK us={us}");
                     std::io::stdout().flush().ok();
-                }
-                Ok("segv") => {
-                    // A real crash (for the post-mortem handler's test): a write through a
-                    // null pointer, which the kernel turns into SIGSEGV and a core.
-                    // SAFETY: not safe on purpose: the fault is the point; nothing runs after it.
-                    unsafe { std::ptr::write_volatile(std::ptr::null_mut::<u64>(), 1) };
                 }
                 Ok(other) => {
                     drive::command(other);

@@ -173,7 +173,8 @@ fn same_net_namespace(clone: Pid) -> bool {
 }
 
 impl DirectWriter {
-    fn syscall(&self, nr: u64, args: [u64; 6]) -> Result<i64> {
+    /// Makes the clone run syscall `nr(args)`; its return value (`-errno` on failure).
+    pub(crate) fn syscall(&self, nr: u64, args: [u64; 6]) -> Result<i64> {
         if self.failed.get() {
             return Err(Error::io(
                 "the clone writing its memory",
@@ -209,6 +210,19 @@ impl DirectWriter {
         file: &File,
         rseq: Option<(u64, Vec<u8>)>,
     ) -> Option<DirectWriter> {
+        let (mut w, fds) = Self::setup_fds(clone, insn, &[file.as_raw_fd()], rseq)?;
+        w.fd = fds[0];
+        Some(w)
+    }
+
+    /// As [`DirectWriter::setup`], passing the clone each of `fds` (its numbers there are
+    /// returned, in order) instead of one core file.
+    pub fn setup_fds(
+        clone: Pid,
+        insn: u64,
+        fds: &[std::os::unix::io::RawFd],
+        rseq: Option<(u64, Vec<u8>)>,
+    ) -> Option<(DirectWriter, Vec<u64>)> {
         // The borrowed thread's seccomp filter is the clone's: it may kill or trap on any of
         // the syscalls below.
         if crate::proc::Status::read(clone).ok().map(|s| s.seccomp) != Some(0) {
@@ -218,7 +232,7 @@ impl DirectWriter {
         if !same_net_namespace(clone) || !tame(clone) || !adopt_into_our_cgroups(clone) {
             return None;
         }
-        let mut w = DirectWriter {
+        let w = DirectWriter {
             clone,
             insn,
             saved,
@@ -238,13 +252,15 @@ impl DirectWriter {
         {
             return None;
         }
-        let fd = w.receive_fd(file).ok().flatten()?;
-        w.fd = fd;
-        Some(w)
+        let mut theirs = Vec::with_capacity(fds.len());
+        for &fd in fds {
+            theirs.push(w.receive_fd(fd).ok().flatten()?);
+        }
+        Some((w, theirs))
     }
 
     /// Passes `file` to the clone over a Unix socket; returns its number there.
-    fn receive_fd(&self, file: &File) -> Result<Option<u64>> {
+    fn receive_fd(&self, file: std::os::unix::io::RawFd) -> Result<Option<u64>> {
         let scratch = self.syscall(SYS_MMAP, [0, 4096, 3, 0x22, u64::MAX, 0])?;
         if scratch < 0 {
             return Ok(None);
@@ -255,7 +271,7 @@ impl DirectWriter {
         r
     }
 
-    fn receive_fd_with(&self, file: &File, scratch: u64) -> Result<Option<u64>> {
+    fn receive_fd_with(&self, file: std::os::unix::io::RawFd, scratch: u64) -> Result<Option<u64>> {
         let mem = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -332,7 +348,7 @@ impl DirectWriter {
             if !ok || cred.pid != self.clone {
                 return Ok(None);
             }
-            if !send_fd(conn, file.as_raw_fd()) {
+            if !send_fd(conn, file) {
                 return Ok(None);
             }
             // Its recvmsg: msghdr at +0, iovec at +64, 1-byte buffer at +96, cmsg at +128.

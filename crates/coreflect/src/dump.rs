@@ -65,6 +65,8 @@ pub struct DumpReport {
     /// cannot hold (`MADV_DONTFORK`, `MADV_WIPEONFORK`: read from the target). 0 in
     /// suspend mode, where the target was stopped throughout.
     pub live_bytes: u64,
+    /// How memory reached the file (path used, fallbacks, clone CPU, copy-on-write).
+    pub write_path: crate::write_path::WritePathStats,
     /// Wall time of the whole dump, in milliseconds.
     pub duration_ms: u64,
     /// Problems that did not stop the dump.
@@ -118,10 +120,16 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
     }
     let t = Instant::now();
     let segs = crate::level::plan(&snap, opts.level, opts.filter);
-    let direct = opts.snapshot.direct_write && out.is_some() && opts.compress.is_none();
+    // The write path applies to uncompressed core files; streams are read from the clone.
+    let file_out = out.is_some() && opts.compress.is_none();
+    let requested = if file_out {
+        opts.snapshot.write_path.as_str()
+    } else {
+        "read"
+    };
     let mut notes = snap.notes();
     let meta_at = notes.len();
-    let meta = metadata(&snap, opts, direct);
+    let meta = metadata(&snap, opts, requested);
     crate::elf::notes::push_note(&mut notes, meta::NOTE_NAME, meta::NT_COREFLECT, &meta);
     if let Some(h) = &opts.snapshot.hook {
         h(Phase::Writing)
@@ -143,9 +151,9 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
         (Some(out), None) => {
             let st = snap.write_core_file_with(out.file(), &notes, &segs, &mut prog);
             if let Ok(st) = &st {
-                if direct && st.written_by_clone == 0 {
-                    // Direct writing was asked for but not used: say so in the note.
-                    fix_write_path(out.file(), &notes, meta_at, segs.len())?;
+                // The note said what was asked for; say what was used.
+                if !st.path.used.is_empty() && st.path.used != requested {
+                    fix_write_path(out.file(), &notes, meta_at, segs.len(), &st.path.used)?;
                 }
             }
             st
@@ -217,11 +225,15 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
     let threads = snap.threads().len();
     let segments = snap.mappings().len();
     let mut warnings = snap.warnings().to_vec();
-    if opts.snapshot.direct_write && !direct {
-        warnings.push(
-            "direct writing applies to uncompressed core files only: the memory was read the usual way"
-                .into(),
-        );
+    if matches!(
+        opts.snapshot.write_path,
+        crate::write_path::WritePath::Splice | crate::write_path::WritePath::Pwrite
+    ) && !file_out
+    {
+        warnings.push(format!(
+            "the {} write path applies to uncompressed core files only: the memory was read from the clone",
+            opts.snapshot.write_path.as_str()
+        ));
     }
     for u in &stats.unreadable {
         warnings.push(format!(
@@ -278,6 +290,7 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
         zero_bytes: stats.zero_bytes,
         written_by_clone: stats.written_by_clone,
         live_bytes,
+        write_path: stats.path.clone(),
         duration_ms: t0.elapsed().as_millis() as u64,
         warnings,
         level: opts.level,
@@ -286,7 +299,7 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
 }
 
 /// The `COREFLECT` note's descriptor for this dump.
-fn metadata(snap: &Snapshot, opts: &DumpOptions, direct: bool) -> Vec<u8> {
+fn metadata(snap: &Snapshot, opts: &DumpOptions, write_path: &str) -> Vec<u8> {
     let mut m = Metadata::default();
     m.push("version", env!("CARGO_PKG_VERSION"));
     m.push("mode", snap.mode().as_str());
@@ -300,7 +313,7 @@ fn metadata(snap: &Snapshot, opts: &DumpOptions, direct: bool) -> Vec<u8> {
     } else {
         m.push("pause_us", snap.pause().total_us);
     }
-    m.push("write_path", meta::write_path_value(direct));
+    m.push("write_path", meta::write_path_value(write_path));
     m.push("output", if opts.stdout { "stream" } else { "file" });
     m.push(
         "compression",
@@ -320,9 +333,14 @@ fn metadata(snap: &Snapshot, opts: &DumpOptions, direct: bool) -> Vec<u8> {
     m.encode()
 }
 
-/// Rewrites the note's `write_path` value in place (same width) after direct writing fell
-/// back to reading the clone.
-fn fix_write_path(file: &std::fs::File, notes: &[u8], meta_at: usize, nsegs: usize) -> Result<()> {
+/// Rewrites the note's `write_path` value in place (same width) with the path `used`.
+fn fix_write_path(
+    file: &std::fs::File,
+    notes: &[u8],
+    meta_at: usize,
+    nsegs: usize,
+    used: &str,
+) -> Result<()> {
     use std::os::unix::fs::FileExt;
     let key = b"write_path=";
     let Some(k) = notes[meta_at..].windows(key.len()).position(|w| w == key) else {
@@ -336,7 +354,7 @@ fn fix_write_path(file: &std::fs::File, notes: &[u8], meta_at: usize, nsegs: usi
         + nphdr * crate::elf::PHDR_SIZE
         + if xnum { crate::elf::SHDR_SIZE } else { 0 };
     let at = (notes_offset + meta_at + k + key.len()) as u64;
-    file.write_all_at(meta::write_path_value(false).as_bytes(), at)
+    file.write_all_at(meta::write_path_value(used).as_bytes(), at)
         .map_err(|e| Error::io("correcting the COREFLECT note", e))
 }
 

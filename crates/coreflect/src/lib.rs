@@ -89,6 +89,7 @@ pub mod snapshot;
 #[doc(hidden)]
 pub mod stop;
 pub mod trace;
+pub mod write_path;
 
 pub use dump::{dump, DumpOptions, DumpReport};
 pub use error::{Error, Pid, Result};

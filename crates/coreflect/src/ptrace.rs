@@ -188,7 +188,7 @@ pub enum WaitStatus {
 }
 
 impl WaitStatus {
-    fn decode(status: i32) -> WaitStatus {
+    pub(crate) fn decode(status: i32) -> WaitStatus {
         if libc::WIFEXITED(status) {
             WaitStatus::Exited(libc::WEXITSTATUS(status))
         } else if libc::WIFSIGNALED(status) {

@@ -101,11 +101,9 @@ pub struct Options {
     pub cancel: Option<Arc<AtomicBool>>,
     /// Called at each phase.
     pub hook: Option<PhaseHook>,
-    /// Let the clone write its own memory into a core file (see [`crate::direct`]) when it
-    /// can; otherwise (and always for streams) it is read through `/proc/CLONE/mem`. Off by
-    /// default: the clone's CPU time then counts in the target's children's times when the
-    /// target reaps it.
-    pub direct_write: bool,
+    /// How the image's memory reaches a core file (see [`crate::write_path`]); streams
+    /// always take the read path.
+    pub write_path: crate::write_path::WritePath,
 }
 
 impl Default for Options {
@@ -116,7 +114,7 @@ impl Default for Options {
             max_pause: None,
             cancel: None,
             hook: None,
-            direct_write: false,
+            write_path: Default::default(),
         }
     }
 }
@@ -264,7 +262,7 @@ pub(crate) struct Snapshot {
     clone: Option<CloneGuard>,
     stopped: Option<StoppedProcess>,
     _lock: Option<TargetLock>,
-    direct_write: bool,
+    write_path: crate::write_path::WritePath,
     /// The clone's rseq area as the snapshot holds it: the kernel rewrites it whenever the
     /// clone passes through its return-to-user path (injected syscalls), so reads put it
     /// back.
@@ -710,7 +708,7 @@ impl Snapshot {
             clone,
             stopped,
             _lock: lock,
-            direct_write: opts.direct_write,
+            write_path: opts.write_path,
             rseq_orig,
             stopped_at: t0,
             pause,
@@ -772,7 +770,7 @@ impl Snapshot {
             clone: None,
             stopped: None,
             _lock: None,
-            direct_write: false,
+            write_path: crate::write_path::WritePath::Read,
             rseq_orig: None,
             stopped_at: t0,
             pause: PauseBreakdown {
@@ -910,8 +908,10 @@ impl Snapshot {
     }
 
     /// Writes a complete ELF core of the snapshot into `file` (new or empty). In reflect
-    /// mode, on the capturing thread, the clone writes its own memory when it can (see
-    /// [`crate::direct`]); otherwise as [`Snapshot::write_core`] with a sparse-file sink.
+    /// mode, on the capturing thread, by the path [`Options::write_path`] chooses (see
+    /// [`crate::write_path`]); otherwise as [`Snapshot::write_core`] with a sparse-file sink.
+    /// On the zero-copy path the clone drops each range once handed over: the image reads
+    /// as zeros there afterwards.
     pub fn write_core_file(
         &self,
         file: &std::fs::File,
@@ -921,7 +921,8 @@ impl Snapshot {
         self.write_core_file_with(file, &self.notes(), &self.plan(policy), progress)
     }
 
-    /// [`Snapshot::write_core_file`] with given notes and segments.
+    /// [`Snapshot::write_core_file`] with given notes and segments, by the write path the
+    /// options chose (see [`crate::write_path`]).
     pub fn write_core_file_with(
         &self,
         file: &std::fs::File,
@@ -929,27 +930,20 @@ impl Snapshot {
         segs: &[SegmentPlan],
         progress: &mut dyn Progress,
     ) -> Result<WriteStats> {
-        let direct = self
-            .clone
-            .as_ref()
-            .filter(|_| self.direct_write)
-            .and_then(|c| {
-                crate::direct::DirectWriter::setup(c.clone, c.insn, file, self.rseq_orig.clone())
-            });
-        let direct_result = direct
-            .as_ref()
-            .map(|d| writer::write_core_direct(file, notes, segs, self, d, progress));
-        let st = match direct_result {
-            Some(Ok(st)) => st,
-            Some(Err(Error::Cancelled)) => return Err(Error::Cancelled),
-            // Not set up, or it stopped working: the whole core the usual way (every byte
-            // it writes replaces what the clone wrote at the same place).
-            _ => {
-                let mut sink = writer::FileSink::new(file);
-                writer::write_core(&mut sink, notes, segs, self, progress)?
-            }
-        };
+        let mut st = crate::write_path::write_core_file(
+            self,
+            self.clone.as_ref().map(|c| (c.clone, c.insn)),
+            self.write_path,
+            self.rseq_orig.clone(),
+            file,
+            segs,
+            notes,
+            progress,
+        )?;
         self.check_image_alive()?;
+        if let Some(c) = &self.clone {
+            st.path.clone_cpu_ms = crate::write_path::cpu_ms(c.clone).unwrap_or(0.0);
+        }
         Ok(st)
     }
 

@@ -538,6 +538,7 @@ pub fn dump_held(
         written_by_clone: stats.written_by_clone,
         // Suspend mode: nothing is read while the target runs.
         live_bytes: 0,
+        write_path: stats.path.clone(),
         duration_ms: t0.elapsed().as_millis() as u64,
         level: opts.level,
         compressed_size: None,

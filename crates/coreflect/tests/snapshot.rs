@@ -72,7 +72,7 @@ fn the_three_writers_give_the_same_bytes() {
         "64",
     ]);
     let opts = coreflect::Options {
-        direct_write: true,
+        write_path: coreflect::write_path::WritePath::Pwrite,
         ..Default::default()
     };
     let snap = coreflect::Snapshot::capture(t.pid, &opts).unwrap();

@@ -461,7 +461,7 @@ impl<'a> Watcher<'a> {
             max_pause: self.a.max_pause,
             cancel: Some(self.cancel.clone()),
             hook: crate::test_hook(self.cancel.clone()),
-            direct_write: false,
+            write_path: Default::default(),
         }
     }
 

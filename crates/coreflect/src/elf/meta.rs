@@ -5,8 +5,9 @@
 //!
 //! Keys: `version`, `mode`, `level`, `filter` (hex, when `--filter` was given), `pause_us`
 //! (or, in suspend mode, `pause`: the target stays stopped for the whole write),
-//! `write_path` (`proc-mem` or `direct`, padded to a fixed width so it can be corrected once
-//! the write is done), `output` (`file`, `stream`), `compression`, `created` (Unix time), and
+//! `write_path` (asked for: `auto`, `splice`, `read`, `pwrite`; corrected once the write is
+//! done to the path used: `splice+direct`, `splice+buffered`, `read`, `pwrite`; padded to a
+//! fixed width), `output` (`file`, `stream`), `compression`, `created` (Unix time), and
 //! one `warning` line per warning known when the notes were written. Unknown keys are kept.
 
 /// The note's owner name.
@@ -15,7 +16,7 @@ pub const NOTE_NAME: &str = "COREFLECT";
 pub const NT_COREFLECT: u32 = 0x544c_4643;
 
 /// Width every `write_path` value is padded to.
-pub const WRITE_PATH_WIDTH: usize = 8;
+pub const WRITE_PATH_WIDTH: usize = 16;
 
 /// What the `COREFLECT` note says.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -74,12 +75,12 @@ impl Metadata {
 }
 
 /// A `write_path` value padded to [`WRITE_PATH_WIDTH`].
-pub fn write_path_value(direct: bool) -> String {
-    format!(
-        "{:<w$}",
-        if direct { "direct" } else { "proc-mem" },
-        w = WRITE_PATH_WIDTH
-    )
+pub fn write_path_value(path: &str) -> String {
+    let mut v: String = path.chars().take(WRITE_PATH_WIDTH).collect();
+    while v.len() < WRITE_PATH_WIDTH {
+        v.push(' ');
+    }
+    v
 }
 
 #[cfg(test)]
@@ -92,12 +93,15 @@ mod tests {
         m.push("version", "0.1.0");
         m.push("warning", "two\nlines");
         m.push("warning", "b=c");
-        m.push("write_path", write_path_value(true));
+        m.push("write_path", write_path_value("splice+direct"));
         let p = Metadata::parse(&m.encode());
         assert_eq!(p.get("version"), Some("0.1.0"));
         assert_eq!(p.all("warning"), vec!["two lines", "b=c"]);
-        assert_eq!(p.get("write_path"), Some("direct"));
-        assert_eq!(write_path_value(false).len(), write_path_value(true).len());
+        assert_eq!(p.get("write_path"), Some("splice+direct"));
+        assert_eq!(
+            write_path_value("read").len(),
+            write_path_value("splice+buffered").len()
+        );
         assert_eq!(Metadata::parse(b"\xff\xfe\nnoequals\n").entries.len(), 0);
     }
 }

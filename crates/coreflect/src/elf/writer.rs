@@ -170,6 +170,8 @@ pub struct WriteStats {
     pub unreadable: Vec<Unreadable>,
     /// Bytes the clone wrote itself (direct writing).
     pub written_by_clone: u64,
+    /// How the memory reached the file (see [`crate::write_path`]).
+    pub path: crate::write_path::WritePathStats,
 }
 
 /// The size of one read.
@@ -346,16 +348,16 @@ impl Drop for ChunkBuf {
 
 /// One chunk of a segment, read and classified, ready to be written.
 #[derive(Debug)]
-struct Chunk {
-    buf: ChunkBuf,
+pub(crate) struct Chunk {
+    pub(crate) buf: ChunkBuf,
     /// File offset of the chunk's first byte.
-    offset: u64,
+    pub(crate) offset: u64,
     len: usize,
     /// Per page: true if it holds data to write (false: hole).
-    data: Vec<bool>,
-    unpopulated: u64,
-    zero: u64,
-    unreadable: Vec<Unreadable>,
+    pub(crate) data: Vec<bool>,
+    pub(crate) unpopulated: u64,
+    pub(crate) zero: u64,
+    pub(crate) unreadable: Vec<Unreadable>,
 }
 
 /// The chunks of all segments, in file order: (segment index, address, length, file offset).
@@ -373,7 +375,7 @@ fn chunk_list(segs: &[SegmentPlan], lay: &Layout) -> Vec<(usize, u64, usize, u64
 }
 
 /// Reads one chunk into `buf` and classifies its pages.
-fn fill_chunk(
+pub(crate) fn fill_chunk(
     mem: &dyn MemoryReader,
     s: &SegmentPlan,
     addr: u64,
@@ -623,7 +625,13 @@ fn read_run(
     }
 }
 
-fn note_unreadable(st: &mut WriteStats, s: &SegmentPlan, at: u64, len: u64, e: &io::Error) {
+pub(crate) fn note_unreadable(
+    st: &mut WriteStats,
+    s: &SegmentPlan,
+    at: u64,
+    len: u64,
+    e: &io::Error,
+) {
     if let Some(u) = st.unreadable.last_mut() {
         if u.end == at {
             u.end += len;

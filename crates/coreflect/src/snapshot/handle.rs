@@ -731,8 +731,8 @@ impl Snapshot {
     }
 
     /// Writes a complete ELF core of the snapshot into `file` (new or empty), as a sparse
-    /// file. With [`Options::direct_write`] the clone writes its own memory into it when it
-    /// can. The writing is done by the snapshot's tracer thread (one such write at a time);
+    /// file, by the write path of [`Options::write_path`] (by default the clone `vmsplice`s
+    /// its pages and they are spliced into the file opened `O_DIRECT`). The writing is done by the snapshot's tracer thread (one such write at a time);
     /// `progress` is called on this thread, and must not start another `write_core_file` of
     /// the same snapshot (it would wait for itself).
     ///
