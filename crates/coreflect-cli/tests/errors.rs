@@ -344,7 +344,7 @@ fn control_characters_in_paths_are_escaped() {
     assert!(!err.contains('\x1b'), "{err:?}");
     // A summary naming such a path: every line is one of the summary's own.
     let good = d.join("a\nb\tc\x07.core");
-    let o = coreflect(&["dump", &pid, "-o", good.to_str().unwrap(), "-q"]);
+    let o = coreflect(&["dump", &pid, "-o", good.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(std::fs::metadata(&good).is_ok());

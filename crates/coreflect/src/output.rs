@@ -107,7 +107,7 @@ fn check_path(path: &Path, dir: &Path) -> Result<()> {
             path,
             libc::ENAMETOOLONG,
             format!(
-                " ({} bytes, more than the {} a path may have): choose a shorter -o",
+                " ({} bytes, more than the {} a path may have): choose a shorter path",
                 bytes.len(),
                 libc::PATH_MAX - 1
             ),
@@ -126,7 +126,7 @@ fn check_path(path: &Path, dir: &Path) -> Result<()> {
             path,
             libc::ENAMETOOLONG,
             format!(
-                " (its file name is {} bytes, more than the {max} this filesystem allows): choose a shorter -o",
+                " (its file name is {} bytes, more than the {max} this filesystem allows): choose a shorter path",
                 name.len()
             ),
         ));

@@ -135,6 +135,12 @@ fn find_insn(pre: &(Option<ProcMem>, Option<u64>), mm: Pid, regs: &[Regs]) -> Op
 /// is stopped (see the module documentation). `clone_ns` is the clone's pid in the
 /// target's pid namespace; `insn` the instruction the clone syscall was borrowed from;
 /// `options` extra ptrace options for the injection (`PTRACE_O_SUSPEND_SECCOMP`).
+/// The least time the reap's stop gives running threads to stop.
+const REAP_MIN_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long the injected `wait4` may take to enter the kernel.
+const REAP_INJECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn kill_and_reap(
     target: Pid,
@@ -175,6 +181,9 @@ pub(crate) fn kill_and_reap(
     let mm = proc::live_thread(target).unwrap_or(target);
     let pre = candidate_insn(mm, insn);
     let t0 = Instant::now();
+    // Running threads stop within milliseconds; the caller's timeout (which may be 0) is
+    // for the first pause. Blocked ones are tolerated (see the module documentation).
+    let stop_timeout = stop_timeout.max(REAP_MIN_STOP_TIMEOUT);
     let mut stopped = match StoppedProcess::stop_tolerating_blocked(target, first, stop_timeout) {
         Ok(s) => s,
         Err(Error::ProcessExited { .. }) | Err(Error::NoSuchProcess { .. }) => {
@@ -238,7 +247,9 @@ pub(crate) fn kill_and_reap(
                         0,
                     ],
                     options,
-                    stop_timeout,
+                    // Not the caller's stop timeout (it may be 0): once the thread runs
+                    // the borrowed instruction, the injection is waited out.
+                    REAP_INJECT_TIMEOUT,
                     &mut |_| Ok(()),
                     &mut || Ok(()),
                 )
