@@ -15,6 +15,8 @@ pub struct TargetLock {
 }
 
 fn addr(pid: Pid, start: u64) -> (libc::sockaddr_un, libc::socklen_t) {
+    // SAFETY: `sockaddr_un` is an integer and a byte array: all-zero bytes are a valid value (and
+    // the abstract-namespace marker, sun_path[0] = 0).
     let mut a: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     a.sun_family = libc::AF_UNIX as libc::sa_family_t;
     let name = format!("coreflect/target/{pid}/{start}");
@@ -30,6 +32,8 @@ impl TargetLock {
     /// to `wait` for another holder to finish.
     pub fn acquire(pid: Pid, start: u64, wait: Duration) -> Result<TargetLock> {
         let deadline = Instant::now() + wait;
+        // SAFETY: socket() takes no pointers; the returned descriptor is owned by this function
+        // until stored in the `TargetLock` (or closed below).
         let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
             return Err(Error::io(
@@ -39,15 +43,20 @@ impl TargetLock {
         }
         let (a, len) = addr(pid, start);
         loop {
+            // SAFETY: bind reads `len` bytes at `&a`: `a` is a live `sockaddr_un` and `len` is at
+            // most its size (family + NUL + a name that fits `sun_path`, or the indexing above
+            // panics).
             if unsafe { libc::bind(fd, &a as *const _ as *const libc::sockaddr, len) } == 0 {
                 return Ok(TargetLock { fd });
             }
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EADDRINUSE) {
+                // SAFETY: `fd` is ours, open, and not stored anywhere: closed exactly once.
                 unsafe { libc::close(fd) };
                 return Err(Error::io("taking the target lock", e));
             }
             if Instant::now() >= deadline {
+                // SAFETY: `fd` is ours, open, and not stored anywhere: closed exactly once.
                 unsafe { libc::close(fd) };
                 return Err(Error::Busy {
                     pid,
@@ -61,6 +70,8 @@ impl TargetLock {
 
 impl Drop for TargetLock {
     fn drop(&mut self) {
+        // SAFETY: `self.fd` is the socket this lock owns; nothing else closes it, and drop runs
+        // once.
         unsafe { libc::close(self.fd) };
     }
 }
