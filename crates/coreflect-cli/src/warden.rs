@@ -12,8 +12,7 @@ use std::time::Duration;
 /// by SIGINT/SIGTERM/SIGHUP or by the death of this process. If the warden cannot be
 /// forked, `work` runs here.
 pub fn run_guarded(work: impl FnOnce(Arc<AtomicBool>) -> i32) -> i32 {
-    // SAFETY: getpid has no preconditions.
-    let parent = unsafe { libc::getpid() };
+    let parent = std::process::id();
     // SAFETY: fork is sound here because the process is single-threaded at this point (the CLI
     // starts no thread before the warden; `cancel_flag` only registers signal handlers), so the
     // child, which goes on to run ordinary Rust, inherits no lock held by another thread.
@@ -41,8 +40,7 @@ pub fn run_guarded(work: impl FnOnce(Arc<AtomicBool>) -> i32) -> i32 {
                 0,
             );
         }
-        // SAFETY: getppid has no preconditions.
-        if unsafe { libc::getppid() } != parent {
+        if std::os::unix::process::parent_id() != parent {
             cancel.store(true, Ordering::SeqCst);
         }
         let code = work(cancel);
