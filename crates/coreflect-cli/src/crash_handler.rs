@@ -800,7 +800,6 @@ fn copy_zstd(
 /// An exclusive lock on the dump directory for the rotation and size accounting (crashes
 /// may come in bursts). Released when dropped.
 fn lock_dir(dir: &Path) -> Option<File> {
-    use std::os::unix::io::AsRawFd;
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -812,8 +811,8 @@ fn lock_dir(dir: &Path) -> Option<File> {
         .ok()?;
     // At most ~2 s: a stuck lock must not hold the crashing process.
     for _ in 0..200 {
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        // flock(LOCK_EX | LOCK_NB) on Linux.
+        if f.try_lock().is_ok() {
             return Some(f);
         }
         std::thread::sleep(Duration::from_millis(10));

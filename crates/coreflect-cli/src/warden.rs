@@ -12,12 +12,17 @@ use std::time::Duration;
 /// by SIGINT/SIGTERM/SIGHUP or by the death of this process. If the warden cannot be
 /// forked, `work` runs here.
 pub fn run_guarded(work: impl FnOnce(Arc<AtomicBool>) -> i32) -> i32 {
-    let parent = unsafe { libc::getpid() };
+    let parent = std::process::id();
+    // SAFETY: fork is sound here because the process is single-threaded at this point (the CLI
+    // starts no thread before the warden; `cancel_flag` only registers signal handlers), so the
+    // child, which goes on to run ordinary Rust, inherits no lock held by another thread.
     let child = unsafe { libc::fork() };
     if child < 0 {
         return work(crate::cancel_flag());
     }
     if child == 0 {
+        // SAFETY: setpgid(0, 0) and signal(SIGTTOU, SIG_IGN) take no pointers; SIG_IGN installs no
+        // handler code.
         unsafe {
             libc::setpgid(0, 0);
             // A background process group writing to a terminal with `stty tostop` would be
@@ -25,6 +30,7 @@ pub fn run_guarded(work: impl FnOnce(Arc<AtomicBool>) -> i32) -> i32 {
             libc::signal(libc::SIGTTOU, libc::SIG_IGN);
         }
         let cancel = crate::cancel_flag();
+        // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number, no pointers.
         unsafe {
             libc::prctl(
                 libc::PR_SET_PDEATHSIG,
@@ -34,7 +40,7 @@ pub fn run_guarded(work: impl FnOnce(Arc<AtomicBool>) -> i32) -> i32 {
                 0,
             );
         }
-        if unsafe { libc::getppid() } != parent {
+        if std::os::unix::process::parent_id() != parent {
             cancel.store(true, Ordering::SeqCst);
         }
         let code = work(cancel);
@@ -46,6 +52,7 @@ pub fn run_guarded(work: impl FnOnce(Arc<AtomicBool>) -> i32) -> i32 {
     let started = std::time::Instant::now();
     loop {
         let mut status = 0;
+        // SAFETY: waitpid writes one int to `status`, a live local.
         let r = unsafe { libc::waitpid(child, &mut status, libc::WNOHANG) };
         if r == child {
             if libc::WIFEXITED(status) {
@@ -64,6 +71,8 @@ pub fn run_guarded(work: impl FnOnce(Arc<AtomicBool>) -> i32) -> i32 {
             return 1;
         }
         if !forwarded && cancel.load(Ordering::SeqCst) {
+            // SAFETY: kill takes no pointers; `child` is our child, not yet reaped (we only reap it
+            // above, then return), so its pid names no other process.
             unsafe { libc::kill(child, libc::SIGTERM) };
             forwarded = true;
         }

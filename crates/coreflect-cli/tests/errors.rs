@@ -118,9 +118,11 @@ fn already_traced() {
     let d = tmpdir("traced");
     let t = Target::spawn(&["--heap-mib", "1"]);
     // Trace the target's main thread from this test thread.
+    // SAFETY: PTRACE_SEIZE with addr and data 0 reads or writes none of our memory.
     let r = unsafe { libc::ptrace(libc::PTRACE_SEIZE, t.pid, 0, 0) };
     assert_eq!(r, 0, "seize from the test");
     // TracerPid names the tracing thread.
+    // SAFETY: gettid has no preconditions.
     let me = unsafe { libc::gettid() };
     let o = d.join("x.core");
     for mode in ["auto", "suspend"] {
@@ -136,6 +138,8 @@ fn already_traced() {
             &format!("already traced by pid {me}"),
         );
     }
+    // SAFETY: PTRACE_DETACH with addr and data 0 reads or writes none of our memory; it runs on the
+    // test thread that seized the target.
     unsafe { libc::ptrace(libc::PTRACE_DETACH, t.pid, 0, 0) };
     assert!(empty(&d));
     let mut t = t;

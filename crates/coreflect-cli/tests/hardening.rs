@@ -22,6 +22,7 @@ fn overwrite_replaces_only_a_regular_file() {
     let fifo = d.join("fifo");
     let dev = d.join("null");
     let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
     let made_dev = is_root()
         && Command::new("mknod")
@@ -141,6 +142,7 @@ fn start_time(pid: i32) -> u64 {
 
 fn lock_addr(pid: i32) -> (libc::sockaddr_un, libc::socklen_t) {
     let name = format!("coreflect/target/{pid}/{}", start_time(pid));
+    // SAFETY: sockaddr_un is a plain C struct, valid when zeroed.
     let mut a: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     a.sun_family = libc::AF_UNIX as libc::sa_family_t;
     for (i, b) in name.bytes().enumerate() {
@@ -155,11 +157,14 @@ fn lock_addr(pid: i32) -> (libc::sockaddr_un, libc::socklen_t) {
 fn squat_lock(pid: i32, uid: u32, sock_type: i32, listen: bool) -> i32 {
     let (a, len) = lock_addr(pid);
     let mut p = [0i32; 2];
+    // SAFETY: `p` has room for the two descriptors pipe2 writes.
     assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
     // The child only makes raw syscalls (no allocation) before it pauses.
+    // SAFETY: the child makes only async-signal-safe raw syscalls, then exits or is killed.
     let child = unsafe { libc::fork() };
     assert!(child >= 0);
     if child == 0 {
+        // SAFETY: in the forked child: raw syscalls on its own descriptors and the sockaddr built above.
         unsafe {
             // Keep none of the test process's other descriptors (other tests' pipes): the
             // pipe's write end becomes stdout, everything from 3 up is closed.
@@ -190,9 +195,12 @@ fn squat_lock(pid: i32, uid: u32, sock_type: i32, listen: bool) -> i32 {
             }
         }
     }
+    // SAFETY: closes the pipe's write end, which this function owns.
     unsafe { libc::close(p[1]) };
     let mut b = [0u8; 1];
+    // SAFETY: reads at most one byte into `b`, a live one-byte buffer.
     let n = unsafe { libc::read(p[0], b.as_mut_ptr() as *mut libc::c_void, 1) };
+    // SAFETY: closes the pipe's read end, which this function owns.
     unsafe { libc::close(p[0]) };
     assert_eq!(n, 1, "the squatter could not bind the lock name");
     child
@@ -208,6 +216,7 @@ impl Drop for Squatter {
 }
 
 fn kill_squatter(p: i32) {
+    // SAFETY: signals and reaps the squatter child this test forked.
     unsafe {
         libc::kill(p, libc::SIGKILL);
         libc::waitpid(p, std::ptr::null_mut(), 0);

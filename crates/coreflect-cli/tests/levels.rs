@@ -471,12 +471,8 @@ fn info_fails_cleanly_on_bad_files() {
     }
     // A reader that stopped reading (`| head`) is no error and no panic: stdout is a pipe
     // whose read end is already closed.
-    let mut fds = [0; 2];
-    // SAFETY: pipe fills two descriptors we own.
-    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-    // SAFETY: fds[0] is ours and closed once; fds[1] becomes the child's stdout, owned here.
-    unsafe { libc::close(fds[0]) };
-    let w = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fds[1]) };
+    let (r, w) = std::io::pipe().unwrap();
+    drop(r);
     let o = Command::new(exe())
         .args(["info", "--all", core.to_str().unwrap()])
         .stdout(w)

@@ -188,7 +188,7 @@ fn sigterm_and_sigint_release_everything_and_leave_no_file() {
     ] {
         let out = d.join("x.core");
         let mut c = dump_paused_at(t.pid, &out, phase);
-        unsafe { libc::kill(c.id() as i32, sig) };
+        send_signal(c.id() as i32, sig);
         let status = c.wait().unwrap();
         assert_eq!(
             status.code(),
@@ -306,17 +306,17 @@ fn signals_sent_during_the_pause_are_delivered_once() {
     // A handled signal (SIGCHLD, SA_RESTART) arrives while every thread is stopped.
     let out = d.join("x.core");
     let mut c = dump_paused_at(t.pid, &out, "stopped");
-    unsafe { libc::kill(t.pid, libc::SIGCHLD) };
+    send_signal(t.pid, libc::SIGCHLD);
     std::thread::sleep(Duration::from_millis(50));
-    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    send_signal(c.id() as i32, libc::SIGTERM);
     c.wait().unwrap();
     wait_free(t.pid);
     assert!(t.ping());
     // SIGSTOP during the pause: the target must end up stopped, as it asked.
     let mut c = dump_paused_at(t.pid, &out, "stopped");
-    unsafe { libc::kill(t.pid, libc::SIGSTOP) };
+    send_signal(t.pid, libc::SIGSTOP);
     std::thread::sleep(Duration::from_millis(50));
-    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    send_signal(c.id() as i32, libc::SIGTERM);
     c.wait().unwrap();
     wait_no_dumper(t.pid);
     let mut st = state(t.pid);
@@ -328,7 +328,7 @@ fn signals_sent_during_the_pause_are_delivered_once() {
         st = state(t.pid);
     }
     assert_eq!(st, 'T', "the SIGSTOP sent during the pause was lost");
-    unsafe { libc::kill(t.pid, libc::SIGCONT) };
+    send_signal(t.pid, libc::SIGCONT);
     assert!(t.ping());
     // A stopped target is not injected into: the clone's zombie waits for the next dump.
     assert!(child_states(t.pid).iter().all(|s| *s == 'Z'));
@@ -374,6 +374,6 @@ fn a_target_in_its_own_pid_namespace_is_reflected_and_reaped() {
     }
     assert_free(pid);
     let _ = u.kill();
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    send_signal(pid, libc::SIGKILL);
     let _ = u.wait();
 }

@@ -247,6 +247,7 @@ pub fn monotonic_ns() -> u64 {
         // SAFETY: the raw syscall with a valid timespec pointer (the vDSO is unusable).
         unsafe { libc::syscall(libc::SYS_clock_gettime, libc::CLOCK_MONOTONIC, &mut ts) };
     } else {
+        // SAFETY: clock_gettime writes one `timespec` to `ts`, a live local.
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     }
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -264,6 +265,9 @@ pub fn vfork_waiter(ms: u64) {
             tv_nsec: (ms % 1000) * 1_000_000,
         };
         // A raw syscall: nothing that touches the parent's thread state.
+        // SAFETY: nanosleep reads one `timespec` from `ts` (on this child's own stack, alive for
+        // the call) and accepts a null remainder pointer; a raw syscall touches no libc state
+        // shared with the suspended parent.
         unsafe {
             libc::syscall(
                 libc::SYS_nanosleep,
@@ -275,6 +279,10 @@ pub fn vfork_waiter(ms: u64) {
     }
     let mut stack = vec![0u8; 64 << 10];
     let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
+    // SAFETY: the child runs `child` on `stack` (64 KiB, 16-aligned top), which stays alive until
+    // it exits: CLONE_VFORK suspends this thread until then, and `stack` is only dropped after the
+    // waitpid. `child` only makes a raw syscall and returns (libc's clone then calls exit), so
+    // nothing else in the shared address space is touched.
     let pid = unsafe {
         libc::clone(
             child,
@@ -285,6 +293,7 @@ pub fn vfork_waiter(ms: u64) {
     };
     if pid > 0 {
         let mut st = 0;
+        // SAFETY: waitpid writes one int to `st`, a live local.
         unsafe { libc::waitpid(pid, &mut st, libc::__WALL) };
     }
     drop(stack);
@@ -294,12 +303,16 @@ pub fn vfork_waiter(ms: u64) {
 #[inline(never)]
 pub fn timed_fork() -> u64 {
     let t = Instant::now();
+    // SAFETY: the child of this multi-threaded process only calls `_exit`, which is
+    // async-signal-safe (no lock another thread might have held at the fork is taken).
     let pid = unsafe { libc::fork() };
     if pid == 0 {
+        // SAFETY: `_exit` has no preconditions and does not return.
         unsafe { libc::_exit(0) };
     }
     let us = t.elapsed().as_micros() as u64;
     if pid > 0 {
+        // SAFETY: waitpid accepts a null status pointer (it then writes nothing).
         unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
     }
     us
@@ -357,6 +370,7 @@ pub fn spin_worker() {
 pub fn read_worker(fd: i32) {
     let mut b = [0u8; 1];
     loop {
+        // SAFETY: read writes at most 1 byte to `b`, a live local 1-byte array.
         let r = unsafe { libc::read(fd, b.as_mut_ptr() as *mut _, 1) };
         if r == 1 && b[0] == b'Q' {
             c().read_ok.fetch_add(1, Relaxed);
@@ -380,6 +394,8 @@ pub fn sleep_worker() {
             tv_sec: 0,
             tv_nsec: 300_000_000,
         };
+        // SAFETY: nanosleep reads one `timespec` from `req`, a live local, and accepts a null
+        // remainder pointer.
         let r = unsafe { libc::nanosleep(&req, std::ptr::null_mut()) };
         if r != 0 {
             c().sleep_err.fetch_add(1, Relaxed);
@@ -413,6 +429,7 @@ pub fn accept_worker(l: &TcpListener) {
 #[inline(never)]
 pub fn pause_worker() {
     while !QUIT.load(Relaxed) {
+        // SAFETY: pause takes no arguments and has no preconditions.
         unsafe { libc::pause() };
         if !QUIT.load(Relaxed) {
             c().pause_returns.fetch_add(1, Relaxed);
@@ -424,6 +441,7 @@ pub fn pause_worker() {
 #[inline(never)]
 pub fn waitpid_worker() {
     while !QUIT.load(Relaxed) {
+        // SAFETY: waitpid accepts a null status pointer (it then writes nothing).
         let r = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
         if r >= 0 {
             c().waitpid_children.fetch_add(1, Relaxed);
@@ -441,6 +459,10 @@ pub fn seq_writer(base: usize, pages: usize, stride: usize) {
     let mut n: u64 = 1;
     while !QUIT.load(Relaxed) {
         for p in 0..pages {
+            // SAFETY: the only caller (`run`) passes `base` = the `seq` mapping of at least `pages
+            // * stride` read-write bytes, page-aligned and never unmapped, so every address written
+            // is inside it and 8-aligned. This holds by the caller alone: this safe `pub fn` should
+            // be private or `unsafe` (reported in issue 9's review).
             unsafe { std::ptr::write_volatile((base + p * stride) as *mut u64, n) };
         }
         n += 1;
@@ -470,6 +492,9 @@ pub fn map_churner() {
     while !QUIT.load(Relaxed) {
         let len = 4096 * (1 + n % 64);
         let p = mmap_anon(len);
+        // SAFETY: `p` is a fresh private read-write mapping of `len` >= 4096 bytes from `mmap_anon`
+        // (which asserts success), written once, then protected and unmapped by us alone: no
+        // reference into it exists.
         unsafe {
             *(p as *mut u8) = 1;
             libc::mprotect(p as *mut _, len, libc::PROT_READ);
@@ -483,11 +508,15 @@ pub fn map_churner() {
 #[inline(never)]
 pub fn fork_looper() {
     while !QUIT.load(Relaxed) {
+        // SAFETY: the child of this multi-threaded process only calls `_exit`, which is
+        // async-signal-safe (no lock another thread might have held at the fork is taken).
         let pid = unsafe { libc::fork() };
         if pid == 0 {
+            // SAFETY: `_exit` has no preconditions and does not return.
             unsafe { libc::_exit(0) };
         }
         if pid > 0 {
+            // SAFETY: waitpid accepts a null status pointer (it then writes nothing).
             unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
         }
         std::thread::sleep(Duration::from_millis(1));
@@ -530,6 +559,8 @@ fn rewrite_worker(buf: usize, len: usize, mib_s: usize) {
 }
 
 fn mmap_anon(len: usize) -> usize {
+    // SAFETY: an anonymous private mapping at an address the kernel picks: no existing memory is
+    // touched; the result is asserted to be no MAP_FAILED below.
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
@@ -582,6 +613,9 @@ fn install_seccomp_kill_clone() {
 
 /// Runs the target until `quit` (or end of stdin); never returns.
 pub fn run(o: TargetOptions) -> ! {
+    // SAFETY: `libc::sigaction` is integers, a handler address and a sigset: all-zero bytes are a
+    // valid value; sigaction reads it from `sa`, a live local, and accepts a null old-action
+    // pointer. The handler only adds to an atomic counter.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = on_sigchld as *const () as usize;
@@ -594,15 +628,20 @@ pub fn run(o: TargetOptions) -> ! {
     let pattern = if o.thp {
         let p = mmap_anon(len + (2 << 20));
         let p = (p + (2 << 20) - 1) & !((2 << 20) - 1);
+        // SAFETY: madvise(MADV_HUGEPAGE) only changes the paging policy of `len` bytes at `p`,
+        // which lie inside the `len + 2 MiB` mapping just made; no contents change.
         unsafe { libc::madvise(p as *mut _, len, libc::MADV_HUGEPAGE) };
         p
     } else {
-        let v: Vec<u8> = Vec::with_capacity(len);
-        let p = v.as_ptr() as usize;
-        std::mem::forget(v);
-        p
+        // Initialized (zeroed, untouched pages stay unpopulated until the fill below), then
+        // leaked: the buffer lives as long as the process.
+        let v: &'static mut [u8] = vec![0u8; len].leak();
+        v.as_mut_ptr() as usize
     };
     {
+        // SAFETY: `pattern` points to `len` bytes owned by nobody else and never freed (the leaked
+        // Vec's initialized buffer, or the zero-filled THP mapping), u8-aligned; `buf` is the only
+        // reference.
         let buf = unsafe { std::slice::from_raw_parts_mut(pattern as *mut u8, len) };
         for (i, b) in buf.iter_mut().enumerate() {
             *b = pattern_byte(i);
@@ -614,6 +653,8 @@ pub fn run(o: TargetOptions) -> ! {
     if o.wipeonfork_kib > 0 {
         let n = o.wipeonfork_kib << 10;
         let p = mmap_anon(n);
+        // SAFETY: `p` is a fresh private read-write mapping of `n` bytes (from `mmap_anon`, which
+        // asserts success) that no reference points into; madvise only sets a flag on it.
         unsafe {
             std::ptr::write_bytes(p as *mut u8, 0xAB, n);
             assert_eq!(libc::madvise(p as *mut _, n, 18 /* MADV_WIPEONFORK */), 0);
@@ -623,6 +664,8 @@ pub fn run(o: TargetOptions) -> ! {
     if o.dontfork_kib > 0 {
         let n = o.dontfork_kib << 10;
         let p = mmap_anon(n);
+        // SAFETY: `p` is a fresh private read-write mapping of `n` bytes (from `mmap_anon`, which
+        // asserts success) that no reference points into; madvise only sets a flag on it.
         unsafe {
             std::ptr::write_bytes(p as *mut u8, 0xCD, n);
             assert_eq!(libc::madvise(p as *mut _, n, libc::MADV_DONTFORK), 0);
@@ -631,6 +674,7 @@ pub fn run(o: TargetOptions) -> ! {
     }
     if o.shared_kib > 0 {
         let n = o.shared_kib << 10;
+        // SAFETY: a new anonymous shared mapping; no existing memory is touched.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -642,6 +686,7 @@ pub fn run(o: TargetOptions) -> ! {
             )
         };
         assert_ne!(p, libc::MAP_FAILED, "mmap MAP_SHARED");
+        // SAFETY: `p` is the start of the n-byte writable mapping made just above.
         unsafe { std::ptr::write_bytes(p as *mut u8, 0xE5, n) };
         extra += &format!(" shm_addr={:#x} shm_len={n}", p as usize);
     }
@@ -660,6 +705,8 @@ pub fn run(o: TargetOptions) -> ! {
         let n = o.many_maps * 4096;
         let p = mmap_anon(n);
         for i in (1..o.many_maps).step_by(2) {
+            // SAFETY: `p + i * 4096` is a page inside the `n`-byte mapping just made (i <
+            // many_maps), which nothing reads or writes from Rust.
             let r = unsafe { libc::mprotect((p + i * 4096) as *mut _, 4096, libc::PROT_READ) };
             assert_eq!(r, 0, "mprotect: raise vm.max_map_count");
         }
@@ -672,12 +719,16 @@ pub fn run(o: TargetOptions) -> ! {
         if o.sparse_touch_every > 0 {
             let mut off = 0;
             while off < n {
+                // SAFETY: `off < n` and page-aligned, so the u64 at `p + off` lies inside the
+                // read-write `n`-byte mapping just made, aligned, and referenced by nothing else.
                 unsafe { *((p + off) as *mut u64) = (off as u64) | 1 };
                 off += page * o.sparse_touch_every;
             }
         }
         let mut off = 0;
         while off < (o.sparse_touch_mib << 20).min(n) {
+            // SAFETY: `off < n` and page-aligned, so the u64 at `p + off` lies inside the
+            // read-write `n`-byte mapping just made, aligned, and referenced by nothing else.
             unsafe { *((p + off) as *mut u64) = (off as u64) | 1 };
             off += page;
         }
@@ -686,6 +737,7 @@ pub fn run(o: TargetOptions) -> ! {
 
     let (rfd, wfd) = {
         let mut fds = [0; 2];
+        // SAFETY: pipe writes two ints to `fds`, a live local `[c_int; 2]`.
         assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
         (fds[0], fds[1])
     };
@@ -786,6 +838,7 @@ pub fn run(o: TargetOptions) -> ! {
         );
     }
     if o.non_dumpable {
+        // SAFETY: prctl(PR_SET_DUMPABLE) takes no pointers.
         unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     }
     if o.seccomp_kill_clone {
@@ -882,6 +935,7 @@ pub fn run(o: TargetOptions) -> ! {
                     spawn(
                         "vfork",
                         Box::new(move || {
+                            // SAFETY: gettid has no preconditions.
                             let _ = tx.send(unsafe { libc::gettid() });
                             vfork_waiter(ms)
                         }),
@@ -910,6 +964,8 @@ pub fn run(o: TargetOptions) -> ! {
         }
         // Quit: wake every thread the way it expects.
         QUIT.store(true, SeqCst);
+        // SAFETY: write reads 1 byte from a static byte string; `wfd` is the pipe's write end,
+        // still open.
         unsafe { libc::write(wfd, b"Q".as_ptr() as *const _, 1) };
         *pair.0.lock().unwrap() = true;
         pair.1.notify_all();
@@ -919,6 +975,8 @@ pub fn run(o: TargetOptions) -> ! {
         }
         // pause() returns only on a signal with a handler: send ourselves one (counted apart).
         let before = c().sigchld.load(SeqCst);
+        // SAFETY: the pthread_t comes from `pause_thread`'s JoinHandle, not yet joined, so it still
+        // names a live (or unjoined) thread; pthread_kill takes no pointers.
         unsafe {
             libc::pthread_kill(
                 std::os::unix::thread::JoinHandleExt::as_pthread_t(&pause_thread),

@@ -67,6 +67,8 @@ pub fn rseq_area(clone: Pid) -> Option<(u64, Vec<u8>)> {
         pad: u32,
     }
     let mut cfg = Config::default();
+    // SAFETY: GET_RSEQ_CONFIGURATION writes at most `addr` = size_of::<Config>() bytes to `data`,
+    // which points to `cfg`, a live local `#[repr(C)]` Config of exactly that size.
     let r = unsafe {
         libc::ptrace(
             libc::PTRACE_GET_RSEQ_CONFIGURATION,
@@ -144,6 +146,9 @@ fn adopt_into_our_cgroups(clone: Pid) -> bool {
 /// inherited the borrowed thread's policy (possibly real-time), affinity, nice value and
 /// limits, and must not compete with the target on them.
 fn tame(clone: Pid) -> bool {
+    // SAFETY: every pointer passed is to a live local (`p`, `set`, `inf`) of the type the call
+    // expects, with its true size for the affinity calls; `cpu_set_t` is an array of integers, so
+    // all-zero bytes are a valid value; prlimit64 accepts a null old-limit pointer.
     unsafe {
         let p = libc::sched_param { sched_priority: 0 };
         if libc::sched_setscheduler(clone, libc::SCHED_OTHER, &p) != 0 {
@@ -279,17 +284,21 @@ impl DirectWriter {
             .map_err(|e| Error::io("opening the clone's memory", e))?;
         // Our end: a listening socket in the abstract namespace.
         let mut rnd = [0u8; 16];
+        // SAFETY: getrandom writes at most `rnd.len()` bytes to `rnd`, a live local array.
         if unsafe { libc::getrandom(rnd.as_mut_ptr() as *mut libc::c_void, rnd.len(), 0) } != 16 {
             return Ok(None);
         }
         let hex: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
         let name = format!("coreflect/fd/{hex}");
+        // SAFETY: `sockaddr_un` is an integer and a byte array: all-zero bytes are a valid value.
         let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
         addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
         for (i, b) in name.bytes().enumerate() {
             addr.sun_path[i + 1] = b as libc::c_char;
         }
         let alen = (std::mem::size_of::<libc::sa_family_t>() + 1 + name.len()) as u64;
+        // SAFETY: socket() takes no pointers; the descriptor it returns is owned by `_close_l`
+        // below.
         let lfd = unsafe {
             libc::socket(
                 libc::AF_UNIX,
@@ -301,13 +310,18 @@ impl DirectWriter {
             return Ok(None);
         }
         let _close_l = CloseOnDrop(lfd);
+        // SAFETY: bind reads `alen` bytes at `&addr`, a live `sockaddr_un`; `alen` (family + NUL +
+        // 45-byte name) is below its size.
         if unsafe { libc::bind(lfd, &addr as *const _ as *const libc::sockaddr, alen as u32) } != 0
+            // SAFETY: listen takes no pointers.
             || unsafe { libc::listen(lfd, 1) } != 0
         {
             return Ok(None);
         }
         // Its end: socket + connect, the address in the scratch page.
         let abytes =
+            // SAFETY: `addr` is a live `sockaddr_un` (110 bytes, no padding, all initialized since
+            // it was zeroed) and `alen` is at most its size; the slice only borrows it for reading.
             unsafe { std::slice::from_raw_parts(&addr as *const _ as *const u8, alen as usize) };
         mem.write_all_at(abytes, scratch)
             .map_err(|e| Error::io("writing into the clone's scratch page", e))?;
@@ -321,6 +335,8 @@ impl DirectWriter {
             if self.syscall(SYS_CONNECT, [sfd, scratch, alen, 0, 0, 0])? != 0 {
                 return Ok(None);
             }
+            // SAFETY: accept4 accepts null address pointers (it then writes no address); the
+            // returned descriptor is owned by `_close_c` below.
             let conn = unsafe {
                 libc::accept4(
                     lfd,
@@ -334,8 +350,11 @@ impl DirectWriter {
             }
             let _close_c = CloseOnDrop(conn);
             // Only the clone may be at the other end.
+            // SAFETY: `ucred` is three integers: all-zero bytes are a valid value.
             let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
             let mut clen = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+            // SAFETY: getsockopt writes at most `clen` = size_of::<ucred>() bytes to `cred` and
+            // updates `clen`, both live locals.
             let ok = unsafe {
                 libc::getsockopt(
                     conn,
@@ -354,6 +373,7 @@ impl DirectWriter {
             // Its recvmsg: msghdr at +0, iovec at +64, 1-byte buffer at +96, cmsg at +128.
             let (msg_at, iov_at, buf_at, cmsg_at) =
                 (scratch, scratch + 64, scratch + 96, scratch + 128);
+            // SAFETY: CMSG_SPACE is pure arithmetic on its argument; it touches no memory.
             let cmsg_len = unsafe { libc::CMSG_SPACE(4) } as u64;
             let mut b = vec![0u8; 256];
             let put = |b: &mut Vec<u8>, at: u64, v: u64| {
@@ -411,18 +431,24 @@ struct CloseOnDrop(libc::c_int);
 
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
+        // SAFETY: `CloseOnDrop` is only built right after a successful socket()/accept4() with the
+        // descriptor it then owns alone; drop runs once.
         unsafe { libc::close(self.0) };
     }
 }
 
 fn send_fd(sock: libc::c_int, fd: libc::c_int) -> bool {
+    // SAFETY: `msg` (zeroed: null pointers and zero lengths are valid) points to `iov`/`byte` and
+    // `cbuf`, all live locals for the sendmsg; `cbuf` (64 bytes) holds CMSG_SPACE(4) = 24, so the
+    // header from CMSG_FIRSTHDR (non-null, as msg_controllen >= its size) and its 4 data bytes lie
+    // inside it; `cbuf` is a u64 array, so the header is 8-aligned as `cmsghdr` needs.
     unsafe {
         let mut byte = [0u8; 1];
         let mut iov = libc::iovec {
             iov_base: byte.as_mut_ptr() as *mut libc::c_void,
             iov_len: 1,
         };
-        let mut cbuf = [0u8; 64];
+        let mut cbuf = [0u64; 8];
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;

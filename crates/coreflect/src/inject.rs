@@ -154,6 +154,7 @@ pub fn inject_syscall(
     })();
     for sig in requeue {
         // Pending again once the thread is released, with its own mask.
+        // SAFETY: tkill takes no pointers; at worst it signals a thread that is gone (ESRCH).
         unsafe { libc::syscall(libc::SYS_tkill, tid, sig) };
     }
     let out = res?;

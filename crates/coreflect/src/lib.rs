@@ -102,5 +102,6 @@ pub use snapshot::{Mode, Options, PauseBreakdown, Phase};
 /// The system's page size in bytes.
 pub fn page_size() -> u64 {
     static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    // SAFETY: sysconf takes no pointers and has no preconditions.
     *PAGE.get_or_init(|| unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64)
 }

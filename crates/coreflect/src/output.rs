@@ -49,6 +49,7 @@ fn out_err(what: &'static str, path: &Path, e: io::Error) -> Error {
 /// The longest file name the filesystem holding `dir` accepts (`f_namemax`), 255 if unknown.
 fn name_max(dir: &Path) -> u64 {
     let c = cstr(dir);
+    // SAFETY: statvfs is a plain C struct of integers, valid when zeroed.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: `c` is a NUL-terminated path and `st` a writable statvfs the call fills.
     let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
@@ -208,6 +209,8 @@ impl OutputFile {
             Err(e) => return Err(out_err("cannot use output directory", &dir, e)),
         }
         let cdir = cstr(&dir);
+        // SAFETY: `cdir` is a NUL-terminated C string alive for the call; open takes no other
+        // pointer.
         let fd = unsafe {
             libc::open(
                 cdir.as_ptr(),
@@ -216,6 +219,8 @@ impl OutputFile {
             )
         };
         if fd >= 0 {
+            // SAFETY: `fd` was just returned by open (>= 0) and is owned by nothing else: the File
+            // takes sole ownership.
             let file = unsafe { File::from_raw_fd(fd) };
             return Ok(OutputFile {
                 file,
@@ -243,6 +248,8 @@ impl OutputFile {
             temp = dir.join(format!(".coreflect-{}.tmp", std::process::id()));
         }
         let ct = cstr(&temp);
+        // SAFETY: `ct` is a NUL-terminated C string alive for the call; open takes no other
+        // pointer.
         let fd = unsafe {
             libc::open(
                 ct.as_ptr(),
@@ -254,6 +261,8 @@ impl OutputFile {
             return Err(out_err("cannot create", &temp, io::Error::last_os_error()));
         }
         Ok(OutputFile {
+            // SAFETY: `fd` was just returned by open (>= 0, checked above) and is owned by nothing
+            // else: the File takes sole ownership.
             file: unsafe { File::from_raw_fd(fd) },
             path: path.to_path_buf(),
             overwrite,
@@ -292,6 +301,7 @@ impl OutputFile {
             } else {
                 libc::RENAME_NOREPLACE
             };
+            // SAFETY: `ct` and `cpath` are NUL-terminated C strings alive for the call.
             let mut r = unsafe {
                 libc::renameat2(
                     libc::AT_FDCWD,
@@ -307,8 +317,10 @@ impl OutputFile {
             {
                 // No RENAME_NOREPLACE here (FUSE, NFS): link() fails atomically on an
                 // existing name, then the temporary name goes.
+                // SAFETY: `ct` and `cpath` are NUL-terminated C strings alive for the call.
                 r = unsafe { libc::link(ct.as_ptr(), cpath.as_ptr()) };
                 if r == 0 {
+                    // SAFETY: `ct` is a NUL-terminated C string alive for the call.
                     unsafe { libc::unlink(ct.as_ptr()) };
                 }
             }
@@ -323,6 +335,8 @@ impl OutputFile {
             return Ok(self.path.clone());
         }
         let fdpath = CString::new(format!("/proc/self/fd/{}", self.file.as_raw_fd())).unwrap();
+        // SAFETY: `fdpath` and `to` are NUL-terminated C strings that outlive every call of the
+        // closure.
         let link = |to: &CString| unsafe {
             libc::linkat(
                 libc::AT_FDCWD,
@@ -360,8 +374,10 @@ impl OutputFile {
                 io::Error::last_os_error(),
             ));
         }
+        // SAFETY: `ct` and `cpath` are NUL-terminated C strings alive for the call.
         if unsafe { libc::rename(ct.as_ptr(), cpath.as_ptr()) } != 0 {
             let e = io::Error::last_os_error();
+            // SAFETY: `ct` is a NUL-terminated C string alive for the call.
             unsafe { libc::unlink(ct.as_ptr()) };
             return Err(out_err("cannot name the core", &self.path, e));
         }
@@ -382,8 +398,13 @@ impl Drop for OutputFile {
 
 /// The default file name: `<comm>_<yymmdd_HHMMSS>.<pid>.core` (local time).
 pub fn default_name(comm: &str, pid: i32) -> String {
+    // SAFETY: time() accepts a null pointer (it then writes nothing).
     let t = unsafe { libc::time(std::ptr::null_mut()) };
+    // SAFETY: `libc::tm` is integers and a `*const c_char` (tm_zone): all-zero bytes are a valid
+    // value (a null pointer); localtime_r fills it.
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: localtime_r reads `t` and writes one `tm` to `tm`, both live locals; it is the
+    // reentrant variant (no shared static buffer).
     unsafe { libc::localtime_r(&t, &mut tm) };
     let safe: String = comm
         .chars()

@@ -43,6 +43,9 @@ fn req(op: &'static str, tid: Pid, r: libc::c_long) -> Result<libc::c_long> {
     }
 }
 
+/// # Safety
+/// `addr` and `data` must be what `request` expects of them: when the request reads or
+/// writes through one, it must point to live memory of the size the kernel uses for it.
 unsafe fn raw(request: libc::c_uint, tid: Pid, addr: usize, data: usize) -> libc::c_long {
     libc::ptrace(
         request,
@@ -54,6 +57,8 @@ unsafe fn raw(request: libc::c_uint, tid: Pid, addr: usize, data: usize) -> libc
 
 /// `PTRACE_SEIZE` with options.
 pub fn seize(tid: Pid, options: u32) -> Result<()> {
+    // SAFETY: SEIZE takes no pointer: `addr` is 0 and `data` the option bits, so the kernel reads
+    // or writes none of our memory.
     req("SEIZE", tid, unsafe {
         raw(libc::PTRACE_SEIZE, tid, 0, options as usize)
     })
@@ -62,6 +67,7 @@ pub fn seize(tid: Pid, options: u32) -> Result<()> {
 
 /// `PTRACE_INTERRUPT`.
 pub fn interrupt(tid: Pid) -> Result<()> {
+    // SAFETY: INTERRUPT takes no pointer (addr and data are 0).
     req("INTERRUPT", tid, unsafe {
         raw(libc::PTRACE_INTERRUPT, tid, 0, 0)
     })
@@ -70,6 +76,7 @@ pub fn interrupt(tid: Pid) -> Result<()> {
 
 /// `PTRACE_DETACH`, delivering `sig` (0 for none).
 pub fn detach(tid: Pid, sig: i32) -> Result<()> {
+    // SAFETY: DETACH takes no pointer: `data` is a signal number.
     req("DETACH", tid, unsafe {
         raw(libc::PTRACE_DETACH, tid, 0, sig as usize)
     })
@@ -78,6 +85,7 @@ pub fn detach(tid: Pid, sig: i32) -> Result<()> {
 
 /// `PTRACE_CONT`, delivering `sig` (0 for none).
 pub fn cont(tid: Pid, sig: i32) -> Result<()> {
+    // SAFETY: CONT takes no pointer: `data` is a signal number.
     req("CONT", tid, unsafe {
         raw(libc::PTRACE_CONT, tid, 0, sig as usize)
     })
@@ -86,6 +94,7 @@ pub fn cont(tid: Pid, sig: i32) -> Result<()> {
 
 /// `PTRACE_SYSCALL`: resume until the next syscall entry or exit.
 pub fn syscall(tid: Pid) -> Result<()> {
+    // SAFETY: SYSCALL takes no pointer (addr and data are 0).
     req("SYSCALL", tid, unsafe {
         raw(libc::PTRACE_SYSCALL, tid, 0, 0)
     })
@@ -94,6 +103,7 @@ pub fn syscall(tid: Pid) -> Result<()> {
 
 /// `PTRACE_SETOPTIONS`.
 pub fn set_options(tid: Pid, options: u32) -> Result<()> {
+    // SAFETY: SETOPTIONS takes no pointer: `data` is the option bits.
     req("SETOPTIONS", tid, unsafe {
         raw(libc::PTRACE_SETOPTIONS, tid, 0, options as usize)
     })
@@ -103,6 +113,8 @@ pub fn set_options(tid: Pid, options: u32) -> Result<()> {
 /// `PTRACE_GETEVENTMSG`.
 pub fn event_msg(tid: Pid) -> Result<u64> {
     let mut v: libc::c_ulong = 0;
+    // SAFETY: GETEVENTMSG writes one `unsigned long` to `data`, which points to `v`, a live local
+    // `c_ulong`.
     req("GETEVENTMSG", tid, unsafe {
         raw(libc::PTRACE_GETEVENTMSG, tid, 0, &mut v as *mut _ as usize)
     })?;
@@ -111,7 +123,10 @@ pub fn event_msg(tid: Pid) -> Result<u64> {
 
 /// `PTRACE_GETREGS`.
 pub fn get_regs(tid: Pid) -> Result<Regs> {
+    // SAFETY: `user_regs_struct` is plain integers: all-zero bytes are a valid value.
     let mut r: libc::user_regs_struct = unsafe { std::mem::zeroed() };
+    // SAFETY: GETREGS writes exactly one `user_regs_struct` to `data`, which points to `r`, a live
+    // local of that type.
     req("GETREGS", tid, unsafe {
         raw(libc::PTRACE_GETREGS, tid, 0, &mut r as *mut _ as usize)
     })?;
@@ -120,6 +135,8 @@ pub fn get_regs(tid: Pid) -> Result<Regs> {
 
 /// `PTRACE_SETREGS`.
 pub fn set_regs(tid: Pid, regs: &Regs) -> Result<()> {
+    // SAFETY: SETREGS only reads one `user_regs_struct` from `data`, which points to `regs.0`,
+    // borrowed for the call.
     req("SETREGS", tid, unsafe {
         raw(libc::PTRACE_SETREGS, tid, 0, &regs.0 as *const _ as usize)
     })
@@ -132,6 +149,8 @@ pub fn get_regset(tid: Pid, nt: u32, buf: &mut [u8]) -> Result<usize> {
         iov_base: buf.as_mut_ptr() as *mut libc::c_void,
         iov_len: buf.len(),
     };
+    // SAFETY: GETREGSET writes at most `iov.iov_len` bytes to `iov.iov_base`, which is `buf`
+    // (mutably borrowed, exactly that long), and updates `iov`, a live local.
     req("GETREGSET", tid, unsafe {
         raw(
             libc::PTRACE_GETREGSET,
@@ -146,6 +165,8 @@ pub fn get_regset(tid: Pid, nt: u32, buf: &mut [u8]) -> Result<usize> {
 /// `PTRACE_GETSIGMASK`.
 pub fn get_sigmask(tid: Pid) -> Result<u64> {
     let mut m: u64 = 0;
+    // SAFETY: GETSIGMASK writes `addr` = 8 bytes (the kernel's sigset_t) to `data`, which points to
+    // `m`, a live local u64.
     req("GETSIGMASK", tid, unsafe {
         raw(libc::PTRACE_GETSIGMASK, tid, 8, &mut m as *mut _ as usize)
     })?;
@@ -154,6 +175,8 @@ pub fn get_sigmask(tid: Pid) -> Result<u64> {
 
 /// `PTRACE_SETSIGMASK`.
 pub fn set_sigmask(tid: Pid, mask: u64) -> Result<()> {
+    // SAFETY: SETSIGMASK reads `addr` = 8 bytes from `data`, which points to `mask`, a u64 on our
+    // stack.
     req("SETSIGMASK", tid, unsafe {
         raw(libc::PTRACE_SETSIGMASK, tid, 8, &mask as *const _ as usize)
     })
@@ -163,6 +186,8 @@ pub fn set_sigmask(tid: Pid, mask: u64) -> Result<()> {
 /// `PTRACE_GETSIGINFO` as the raw 128-byte `siginfo_t`.
 pub fn get_siginfo(tid: Pid) -> Result<[u8; 128]> {
     let mut si = [0u8; 128];
+    // SAFETY: GETSIGINFO writes one kernel `siginfo_t` (128 bytes, no alignment needed by
+    // copy_to_user) to `data`, which points to `si`, a live 128-byte array.
     req("GETSIGINFO", tid, unsafe {
         raw(libc::PTRACE_GETSIGINFO, tid, 0, si.as_mut_ptr() as usize)
     })?;
@@ -216,6 +241,8 @@ impl WaitStatus {
 pub fn try_wait(tid: Pid) -> Result<Option<WaitStatus>> {
     let mut status = 0;
     loop {
+        // SAFETY: waitpid writes one int through its pointer, which points to `status`, a live
+        // local.
         let r = unsafe { libc::waitpid(tid, &mut status, libc::__WALL | libc::WNOHANG) };
         if r == 0 {
             return Ok(None);

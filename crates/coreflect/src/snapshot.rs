@@ -174,6 +174,7 @@ fn monotonic_ns() -> u64 {
         tv_sec: 0,
         tv_nsec: 0,
     };
+    // SAFETY: clock_gettime writes one `timespec` to `ts`, a live local.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
@@ -969,6 +970,8 @@ impl Snapshot {
     pub fn release_image(&mut self) {
         if let Some(c) = &self.clone {
             if c.clone != 0 {
+                // SAFETY: kill has no memory preconditions; `c.clone` is the clone, traced by us
+                // and not yet reaped (its zombie holds the pid), so it names no other process.
                 unsafe { libc::kill(c.clone, libc::SIGKILL) };
             }
         }
@@ -1018,8 +1021,14 @@ impl MemoryReader for Snapshot {
     }
 }
 
-// The snapshot is !Send (ptrace binds to a thread) but may be shared for reading: its
-// reading methods only `pread` files.
+// SAFETY: `Sync`
+// concerns data races only, and there are none: every field is itself `Sync` (plain data, `File`s,
+// a `Send + Sync` hook) and no `&self` method mutates anything (no `Cell`, no interior mutability);
+// `_not_send` exists only to keep the type `!Send`. ptrace's binding of a tracee to its tracer
+// thread is not a memory rule (a request from another thread fails with ESRCH), and the type is
+// `pub(crate)`: only `handle::Snapshot` holds it, which makes every ptrace-making call
+// (`write_core_file*`, `finish`, drop) on the tracer thread and, from other threads, only methods
+// that read /proc files.
 unsafe impl Sync for Snapshot {}
 
 /// Picks the thread to borrow for the injection and captures its state: the first one
@@ -1124,6 +1133,9 @@ fn reflect(
             if let Some(c) = child_seen {
                 // Never leave a clone behind: kill it and wait for it as its tracer (its
                 // zombie, marked by SIGKILL, is reaped by the next dump).
+                // SAFETY: kill has no memory preconditions; `c` is the new clone, traced by this
+                // thread and not yet reaped (its zombie holds the pid), so it names no other
+                // process.
                 unsafe { libc::kill(c, libc::SIGKILL) };
                 let deadline = Instant::now() + Duration::from_secs(30);
                 while let Ok(Some(st)) = ptrace::wait_until(c, deadline) {
@@ -1160,6 +1172,8 @@ pub(crate) struct PauseBoost(Option<(i32, libc::sched_param)>);
 
 impl PauseBoost {
     pub(crate) fn new() -> PauseBoost {
+        // SAFETY: the scheduler calls take pid 0 (this thread) and pointers to live local
+        // `sched_param`s; `sched_param` is one int, so all-zero bytes are a valid value.
         unsafe {
             let policy = libc::sched_getscheduler(0);
             let mut old: libc::sched_param = std::mem::zeroed();
@@ -1180,6 +1194,8 @@ impl PauseBoost {
 impl Drop for PauseBoost {
     fn drop(&mut self) {
         if let Some((policy, old)) = self.0.take() {
+            // SAFETY: sched_setscheduler reads one `sched_param` from `old`, a live local; pid 0 is
+            // this thread.
             unsafe { libc::sched_setscheduler(0, policy, &old) };
         }
     }

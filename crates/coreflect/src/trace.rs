@@ -54,7 +54,8 @@ pub struct Tracer {
     watched: u64,
     threads: HashMap<Pid, State>,
     siginfo: HashMap<Pid, [u8; 128]>,
-    sigfd: libc::c_int,
+    /// The signalfd for SIGCHLD (a `File` so that it is closed and read without `unsafe`).
+    sigfd: std::fs::File,
     /// Signals passed through since the start.
     pub passed: u64,
 }
@@ -116,6 +117,9 @@ impl Tracer {
                 std::io::Error::last_os_error(),
             ));
         }
+        // SAFETY: signalfd just returned this descriptor (checked >= 0) and nothing else owns
+        // it: the `File` takes sole ownership and closes it once.
+        let sigfd = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(sigfd) };
         let mut t = Tracer {
             pid,
             watched: watched.iter().fold(0, |m, &s| m | bit(s)),
@@ -203,7 +207,7 @@ impl Tracer {
             }
             let ms = (deadline - now).as_millis().clamp(1, 50) as i32;
             let mut pfd = libc::pollfd {
-                fd: self.sigfd,
+                fd: std::os::fd::AsRawFd::as_raw_fd(&self.sigfd),
                 events: libc::POLLIN,
                 revents: 0,
             };
@@ -214,8 +218,8 @@ impl Tracer {
 
     fn drain_sigfd(&self) {
         let mut buf = [0u8; 128 * 8];
-        // SAFETY: reads into a local buffer of the given length (non-blocking fd).
-        while unsafe { libc::read(self.sigfd, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+        // Non-blocking: stops at EAGAIN (or any error), as read(2) returning <= 0 did.
+        while matches!(std::io::Read::read(&mut &self.sigfd, &mut buf), Ok(n) if n > 0) {}
     }
 
     /// One pending wait status of any of our tracees, without blocking.
@@ -467,8 +471,7 @@ impl Tracer {
 impl Drop for Tracer {
     fn drop(&mut self) {
         let _ = self.detach_all();
-        // SAFETY: closes the signalfd this Tracer owns.
-        unsafe { libc::close(self.sigfd) };
+        // The signalfd is closed when the field drops, after this.
     }
 }
 

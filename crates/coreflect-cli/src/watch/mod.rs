@@ -148,8 +148,10 @@ struct Watcher<'a> {
 }
 
 fn excluded() -> Vec<Pid> {
-    // SAFETY: getpid/getppid cannot fail.
-    unsafe { vec![libc::getpid(), libc::getppid()] }
+    vec![
+        std::process::id() as Pid,
+        std::os::unix::process::parent_id() as Pid,
+    ]
 }
 
 impl<'a> Watcher<'a> {

@@ -340,6 +340,12 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Sends signal `sig` to process `pid` (errors ignored: the process may be gone).
+pub fn send_signal(pid: i32, sig: i32) {
+    // SAFETY: kill takes no pointers and has no memory-safety preconditions.
+    unsafe { libc::kill(pid, sig) };
+}
+
 /// Reports that a test cannot run here because `why`: when the `CI` environment variable
 /// is set this fails the test (CI must run every test); otherwise it prints a visible
 /// `SKIPPED` line and the caller returns.

@@ -39,6 +39,7 @@ impl Regs {
 
     /// Builds registers from the 216 bytes of `elf_gregset_t`.
     pub fn from_bytes(b: &[u8; 216]) -> Regs {
+        // SAFETY: `user_regs_struct` is 27 plain u64 fields: all-zero bytes are a valid value.
         let mut r: libc::user_regs_struct = unsafe { std::mem::zeroed() };
         // SAFETY: as above.
         unsafe {
@@ -154,6 +155,7 @@ mod tests {
 
     #[test]
     fn regs_roundtrip() {
+        // SAFETY: `user_regs_struct` is 27 plain u64 fields: all-zero bytes are a valid value.
         let mut r: libc::user_regs_struct = unsafe { std::mem::zeroed() };
         r.rip = 0x1234;
         r.gs = 7;
@@ -165,6 +167,7 @@ mod tests {
 
     #[test]
     fn restart_rules() {
+        // SAFETY: `user_regs_struct` is 27 plain u64 fields: all-zero bytes are a valid value.
         let mut r: libc::user_regs_struct = unsafe { std::mem::zeroed() };
         r.orig_rax = 0; // read
         r.rax = ERESTARTSYS as u64;

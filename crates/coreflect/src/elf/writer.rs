@@ -292,6 +292,8 @@ unsafe impl Send for ChunkBuf {}
 impl ChunkBuf {
     /// A zeroed buffer of [`CHUNK`] bytes.
     pub fn new() -> ChunkBuf {
+        // SAFETY: an anonymous private mapping at an address the kernel picks: no existing memory
+        // is touched; the result is checked against MAP_FAILED below before use.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -342,6 +344,8 @@ impl std::ops::DerefMut for ChunkBuf {
 
 impl Drop for ChunkBuf {
     fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly the mapping `new` made, owned by this value alone (no
+        // slice borrowed from it can outlive `self`); unmapped once, here.
         unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
     }
 }

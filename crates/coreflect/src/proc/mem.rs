@@ -69,6 +69,9 @@ impl Pagemap {
     /// Fills `out` with one entry per page starting at page-aligned `addr`.
     pub fn entries(&self, addr: u64, out: &mut [u64]) -> io::Result<()> {
         let page = crate::page_size();
+        // SAFETY: `out` is a live, mutably borrowed `[u64]`: its memory is `size_of_val(out)`
+        // initialized bytes, u8 needs no alignment, and any bytes written form valid u64s; `bytes`
+        // is the only access to `out` while it lives.
         let bytes = unsafe {
             std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, std::mem::size_of_val(out))
         };
