@@ -210,7 +210,7 @@ fn man_page_documents_every_subcommand() {
         "\\-\\-json",
         "\\-\\-quiet",
         "\\-\\-max\\-pause",
-        "\\-\\-direct\\-write",
+        "\\-\\-write\\-path",
     ] {
         assert!(page.contains(opt), "dump option {opt} missing");
     }
@@ -502,9 +502,10 @@ fn crash_handler_keeps_a_core_of_a_crash_and_uninstall_restores_the_pattern() {
     );
     let core = found.unwrap();
     let name = core.file_name().unwrap().to_string_lossy().into_owned();
-    // coreflect_<yymmdd_HHMMSS>.<pid>.core
+    // <comm>_<yymmdd_HHMMSS>.<pid>.core, the comm of the crashing thread (the kernel's %e):
+    // the target's `segv` command crashes in a thread named `crasher`.
     let stamp = name
-        .strip_prefix("coreflect_")
+        .strip_prefix("crasher_")
         .and_then(|r| r.strip_suffix(&suffix))
         .unwrap_or_else(|| panic!("{name}"));
     assert!(
