@@ -310,7 +310,14 @@ fn zstd_is_byte_identical_to_the_uncompressed_core() {
     let zd = dir.join("c.core");
     unzstd(&z, &zd);
     let a = std::fs::read(&a).unwrap();
-    assert!(a == std::fs::read(&b).unwrap(), "stream differs from file");
+    let bb = std::fs::read(&b).unwrap();
+    let first = (0..a.len().min(bb.len())).find(|&i| a[i] != bb[i]);
+    assert!(
+        a == bb,
+        "stream differs from file: lengths {} and {}, first difference at {first:?}",
+        a.len(),
+        bb.len()
+    );
     assert!(
         a == std::fs::read(&zd).unwrap(),
         "zstd -d differs from file"

@@ -110,7 +110,9 @@ fn splice_into_odirect_gives_the_read_paths_bytes_and_leaves_no_fd() {
         st.path.read_runs >= 1 && st.path.read_bytes >= 256 << 10,
         "{st:?}"
     );
-    assert!(st.path.released_bytes >= st.path.spliced_bytes, "{st:?}");
+    // A library write leaves the snapshot readable: nothing is released (the CLI's
+    // final write releases: release_behind_frees_the_clones_memory_as_the_dump_advances).
+    assert_eq!(st.path.released_bytes, 0, "{st:?}");
     check_protnone(&t, &core);
     assert_eq!(fds("self"), ours, "coreflect kept a file open");
     assert_eq!(

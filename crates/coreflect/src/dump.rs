@@ -149,7 +149,7 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
     let mut compressed_size = None;
     let stats = match (&out, opts.compress) {
         (Some(out), None) => {
-            let st = snap.write_core_file_with(out.file(), &notes, &segs, &mut prog);
+            let st = snap.write_final_core_file_with(out.file(), &notes, &segs, &mut prog);
             if let Ok(st) = &st {
                 // The note said what was asked for; say what was used.
                 if !st.path.used.is_empty() && st.path.used != requested {

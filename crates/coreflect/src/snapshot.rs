@@ -919,16 +919,18 @@ impl Snapshot {
         policy: &dyn RegionPolicy,
         progress: &mut dyn Progress,
     ) -> Result<WriteStats> {
-        self.write_core_file_with(file, &self.notes(), &self.plan(policy), progress)
+        self.write_core_file_with(file, &self.notes(), &self.plan(policy), false, progress)
     }
 
     /// [`Snapshot::write_core_file`] with given notes and segments, by the write path the
-    /// options chose (see [`crate::write_path`]).
+    /// options chose (see [`crate::write_path`]); with `release_behind` the clone drops its
+    /// memory as it is written (the image cannot be read afterwards).
     pub fn write_core_file_with(
         &self,
         file: &std::fs::File,
         notes: &[u8],
         segs: &[SegmentPlan],
+        release_behind: bool,
         progress: &mut dyn Progress,
     ) -> Result<WriteStats> {
         let mut st = crate::write_path::write_core_file(
@@ -939,6 +941,7 @@ impl Snapshot {
             file,
             segs,
             notes,
+            release_behind,
             progress,
         )?;
         self.check_image_alive()?;

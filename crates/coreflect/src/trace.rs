@@ -520,7 +520,7 @@ pub fn dump_held(
             .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst))
     };
     let mut prog = |done: u64, total: u64| progress.update(done, total) && !cancelled();
-    let stats = snap.write_core_file_with(out.file(), &notes, &segs, &mut prog)?;
+    let stats = snap.write_core_file_with(out.file(), &notes, &segs, false, &mut prog)?;
     if cancelled() {
         return Err(Error::Cancelled);
     }

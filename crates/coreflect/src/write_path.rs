@@ -413,6 +413,7 @@ pub(crate) fn write_core_splice(
     clone: Pid,
     insn: u64,
     rseq: Option<(u64, Vec<u8>)>,
+    release_behind: bool,
     progress: &mut dyn Progress,
 ) -> Result<std::result::Result<WriteStats, String>> {
     let page = crate::page_size();
@@ -771,7 +772,7 @@ pub(crate) fn write_core_splice(
                     // Release-behind: everything below rel_to is on its way to disk (the
                     // pipes keep the pages until it is there) or written: the clone drops it,
                     // a few pipe-fulls at a time.
-                    if rel_to - rel_from >= RELEASE_BATCH * cap {
+                    if release_behind && rel_to - rel_from >= RELEASE_BATCH * cap {
                         release(&mut drv, rel_from, rel_to, &mut st);
                         rel_from = rel_to;
                     }
@@ -781,7 +782,7 @@ pub(crate) fn write_core_splice(
                         return Err(Error::Cancelled);
                     }
                 }
-                if rel_to > rel_from {
+                if release_behind && rel_to > rel_from {
                     release(&mut drv, rel_from, rel_to, &mut st);
                 }
             }
@@ -893,6 +894,8 @@ fn exclusive_bytes(mem: &dyn MemoryReader, segs: &[SegmentPlan]) -> u64 {
 
 /// Writes a whole core into `file` by `path`: `clone` is the image's clone and its
 /// `syscall` instruction (reflect mode), `rseq` its rseq area as the snapshot holds it.
+/// With `release_behind` the clone drops what it handed over (the image can no longer be
+/// read afterwards: only for the last use of a snapshot).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn write_core_file(
     mem: &dyn MemoryReader,
@@ -902,6 +905,7 @@ pub(crate) fn write_core_file(
     file: &File,
     segs: &[SegmentPlan],
     notes: &[u8],
+    release_behind: bool,
     progress: &mut dyn Progress,
 ) -> Result<WriteStats> {
     use crate::elf::writer::{write_core, write_core_direct, FileSink};
@@ -941,7 +945,17 @@ pub(crate) fn write_core_file(
             }
         }
         WritePath::Auto | WritePath::Splice => {
-            match write_core_splice(file, notes, segs, mem, clone, insn, rseq, progress)? {
+            match write_core_splice(
+                file,
+                notes,
+                segs,
+                mem,
+                clone,
+                insn,
+                rseq,
+                release_behind,
+                progress,
+            )? {
                 Ok(st) => Ok(st),
                 Err(why) if path == WritePath::Auto => read(progress, why),
                 Err(why) => Err(Error::io(

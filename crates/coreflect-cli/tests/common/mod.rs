@@ -234,19 +234,27 @@ impl Json {
 
     /// A field of the report or of its `pause` object: a string's text, a number's digits.
     pub fn get(&self, key: &str) -> Option<String> {
-        let v = self.value();
-        let f = v.get(key).or_else(|| v.get("pause")?.get(key))?.clone();
+        let f = self.field(key)?;
         Some(match f {
             serde_json::Value::String(s) => s,
             other => other.to_string(),
         })
     }
 
+    /// The field `key` at the top level, or in one of the nested objects (`pause`,
+    /// `write_path`).
+    fn field(&self, key: &str) -> Option<serde_json::Value> {
+        let v = self.value();
+        v.get(key).cloned().or_else(|| {
+            v.as_object()?
+                .values()
+                .find_map(|o| o.as_object()?.get(key).cloned())
+        })
+    }
+
     /// A numeric field.
     pub fn num(&self, key: &str) -> u64 {
-        let v = self.value();
-        v.get(key)
-            .or_else(|| v.get("pause")?.get(key))
+        self.field(key)
             .and_then(|n| n.as_u64())
             .unwrap_or_else(|| panic!("no number {key} in {}", self.0))
     }

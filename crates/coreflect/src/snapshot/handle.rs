@@ -85,6 +85,7 @@ enum Request {
         file: File,
         notes: Vec<u8>,
         segs: Vec<SegmentPlan>,
+        release_behind: bool,
         events: mpsc::Sender<Event>,
         answers: mpsc::Receiver<bool>,
     },
@@ -189,6 +190,7 @@ fn serve(ptr: NonNull<Bound>, rx: mpsc::Receiver<Request>) {
                 file,
                 notes,
                 segs,
+                release_behind,
                 events,
                 answers,
             } => {
@@ -198,7 +200,8 @@ fn serve(ptr: NonNull<Bound>, rx: mpsc::Receiver<Request>) {
                     events.send(Event::Progress(done, total)).is_ok()
                         && answers.recv().unwrap_or(false)
                 };
-                let r = bound.write_core_file_with(&file, &notes, &segs, &mut progress);
+                let r =
+                    bound.write_core_file_with(&file, &notes, &segs, release_behind, &mut progress);
                 let _ = events.send(Event::Done(r));
             }
             Request::Finish { reply } => {
@@ -755,6 +758,21 @@ impl Snapshot {
         self.write_core_file_with(file, &notes, &segs, progress)
     }
 
+    /// As [`Snapshot::write_core_file_with`], as the snapshot's last use: the clone drops
+    /// each part of its memory once it is on its way to the file (release-behind), so that
+    /// a busy target's later writes reuse their pages instead of copying them. The image
+    /// cannot be read afterwards (reads of it return what the clone then maps: zeros for
+    /// anonymous memory); only thread state, notes and mappings remain. What `dump()` uses.
+    pub fn write_final_core_file_with(
+        &self,
+        file: &File,
+        notes: &[u8],
+        segs: &[SegmentPlan],
+        progress: &mut dyn Progress,
+    ) -> Result<WriteStats> {
+        self.send_write(file, notes, segs, true, progress)
+    }
+
     /// Writes a core with these `notes` and segments (e.g. from [`crate::level::plan`], with
     /// extra notes) to `sink` on the calling thread.
     pub fn write_core_with(
@@ -776,6 +794,17 @@ impl Snapshot {
         segs: &[SegmentPlan],
         progress: &mut dyn Progress,
     ) -> Result<WriteStats> {
+        self.send_write(file, notes, segs, false, progress)
+    }
+
+    fn send_write(
+        &self,
+        file: &File,
+        notes: &[u8],
+        segs: &[SegmentPlan],
+        release_behind: bool,
+        progress: &mut dyn Progress,
+    ) -> Result<WriteStats> {
         let file = file
             .try_clone()
             .map_err(|e| Error::io("duplicating the core file's descriptor", e))?;
@@ -785,6 +814,7 @@ impl Snapshot {
             file,
             notes: notes.to_vec(),
             segs: segs.to_vec(),
+            release_behind,
             events: ev_tx,
             answers: ans_rx,
         })?;
