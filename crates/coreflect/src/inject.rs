@@ -60,16 +60,6 @@ pub fn eligible(kind: StopKind, regs: &Regs) -> bool {
     }
 }
 
-/// Picks the thread to borrow: one interrupted in user mode if any, else one in a
-/// restartable syscall. `None` if no thread is safe to use.
-pub fn choose_thread(threads: &[ThreadState]) -> Option<usize> {
-    let ok = |t: &ThreadState| eligible(t.kind, &t.regs);
-    threads
-        .iter()
-        .position(|t| ok(t) && t.regs.syscall_nr().is_none())
-        .or_else(|| threads.iter().position(ok))
-}
-
 /// What an injected syscall did.
 #[derive(Debug, Clone, Copy)]
 pub struct Injected {

@@ -66,26 +66,26 @@ pub mod access;
 pub mod arch;
 #[doc(hidden)]
 pub mod calibrate;
-#[doc(hidden)]
-pub mod direct;
+pub(crate) mod direct;
 pub mod dump;
 pub mod elf;
 pub mod error;
 #[doc(hidden)]
 pub mod explain;
-#[doc(hidden)]
-pub mod inject;
+pub(crate) mod inject;
 pub mod inspect;
 pub mod level;
-#[doc(hidden)]
-pub mod lock;
+pub(crate) mod lock;
 pub mod output;
 pub mod proc;
+// Public (hidden) only because the CLI's `watch` matches `ptrace::WaitStatus`.
 #[doc(hidden)]
 pub mod ptrace;
 mod reap;
 pub mod select;
 pub mod snapshot;
+// Public (hidden) only because `trace::Tracer::stop_all` and `trace::dump_held` pass a
+// `stop::StoppedProcess` to their callers (the CLI's `watch`).
 #[doc(hidden)]
 pub mod stop;
 pub mod trace;
