@@ -1,10 +1,11 @@
 //! The pause: every thread stopped and captured, one of them borrowed to run the injected
 //! `clone()`, then everyone released — as short as the kernel's copy of the page tables.
 //!
-//! [`Snapshot::capture`] reads as its three stages: *prepare* (preflight, the target lock,
-//! the memory map, whether and how to reflect, the estimate — nothing stopped yet), *pause*
-//! ([`StoppedProcess::stop`], [`pick_thread`], [`reflect`]) and *release* (the clone set up
-//! by [`super::clone::setup_clone`], the image's map read from it).
+//! [`Snapshot::capture`] is its three stages: [`prepare`] (preflight, the target lock, the
+//! memory map, whether and how to reflect, the estimate — nothing stopped yet),
+//! [`pause_target`] ([`StoppedProcess::stop`], [`pick_thread`], [`reflect`]) and
+//! [`release`] (the clone set up by [`super::clone::setup_clone`], the image's map read
+//! from it).
 
 use super::clone::{
     image_mappings, leftover_clones, setup_clone, CloneGuard, PhaseHookDebug, CLONE_FILES,
@@ -15,7 +16,7 @@ use crate::arch::x86_64::{self as arch};
 use crate::error::{Error, Pid, Result};
 use crate::inject;
 use crate::lock::TargetLock;
-use crate::proc::{self, mem::Pagemap, ProcMem, ThreadTimes};
+use crate::proc::{self, mem::Pagemap, Mapping, ProcMem, ProcessInfo, ThreadTimes};
 use crate::ptrace;
 use crate::stop::{StoppedProcess, ThreadState};
 use std::marker::PhantomData;
@@ -43,225 +44,332 @@ impl Snapshot {
     /// detached while it runs; it stays seized, and stops when it leaves its wait, until this
     /// thread exits. A long-lived caller should retry later or exit.
     pub fn capture(pid: Pid, opts: &Options) -> Result<Snapshot> {
-        let process = preflight(pid)?;
-        // One coreflect at a time stops a given target; the lock is held until the target
-        // is released (reflect) or the snapshot dropped (suspend).
-        let lock = TargetLock::acquire(pid, process.stat.start_time, Duration::from_secs(10))?;
-        let process = match proc::Status::read(pid)?.tracer_pid {
-            0 => process,
-            _ => preflight(pid)?,
-        };
-        let mut warnings: Vec<String> = lock.warning().map(str::to_owned).into_iter().collect();
-        // The thread whose /proc files show the memory (the main thread unless it exited).
-        let mm = proc::live_thread(pid).ok_or(Error::ProcessExited { pid })?;
-        let target_maps = proc::maps::read_smaps(mm)?;
-        let target_mem = ProcMem::open(mm)?;
-        let mut mode = opts.mode;
-        let mut inj = Injectable::default();
-        if mode != Mode::Suspend {
-            match reflect_blocker(&process, &target_maps) {
-                Ok(o) => inj = o,
-                Err(reason) if mode == Mode::Reflect => {
-                    return Err(Error::ReflectUnavailable { pid, reason })
-                }
-                Err(reason) => {
-                    warnings.push(format!(
-                        "reflection unavailable: {reason}; dumped in suspend mode (target stopped for the whole write)"
-                    ));
-                    mode = Mode::Suspend;
-                }
+        let prepared = prepare(pid, opts)?;
+        let (prepared, paused) = pause_target(pid, opts, prepared)?;
+        release(pid, opts, prepared, paused)
+    }
+}
+
+/// Before the pause: everything read and decided while the target still runs.
+struct Prepared {
+    process: ProcessInfo,
+    lock: TargetLock,
+    warnings: Vec<String>,
+    /// The thread whose /proc files show the memory.
+    mm: Pid,
+    target_maps: Vec<Mapping>,
+    target_mem: ProcMem,
+    mode: Mode,
+    inj: Injectable,
+    vdso_insn: Option<u64>,
+    xbuf: Vec<u8>,
+    pause: PauseBreakdown,
+}
+
+/// After the pause: the target (still stopped in suspend mode), the clone if one was made,
+/// every thread's state.
+struct Paused {
+    t0: Instant,
+    stopped: StoppedProcess,
+    clone: Option<CloneGuard>,
+    threads: Vec<ThreadState>,
+}
+
+/// Prepare: preflight, the target lock, the memory map, whether and how to reflect
+/// (leftover zombies reaped), the pause estimate against `max_pause`; nothing is stopped.
+fn prepare(pid: Pid, opts: &Options) -> Result<Prepared> {
+    let process = preflight(pid)?;
+    // One coreflect at a time stops a given target; the lock is held until the target
+    // is released (reflect) or the snapshot dropped (suspend).
+    let lock = TargetLock::acquire(pid, process.stat.start_time, Duration::from_secs(10))?;
+    let process = match proc::Status::read(pid)?.tracer_pid {
+        0 => process,
+        _ => preflight(pid)?,
+    };
+    let mut warnings: Vec<String> = lock.warning().map(str::to_owned).into_iter().collect();
+    // The thread whose /proc files show the memory (the main thread unless it exited).
+    let mm = proc::live_thread(pid).ok_or(Error::ProcessExited { pid })?;
+    let target_maps = proc::maps::read_smaps(mm)?;
+    let target_mem = ProcMem::open(mm)?;
+    let mut mode = opts.mode;
+    let mut inj = Injectable::default();
+    if mode != Mode::Suspend {
+        match reflect_blocker(&process, &target_maps) {
+            Ok(o) => inj = o,
+            Err(reason) if mode == Mode::Reflect => {
+                return Err(Error::ReflectUnavailable { pid, reason })
+            }
+            Err(reason) => {
+                warnings.push(format!(
+                    "reflection unavailable: {reason}; dumped in suspend mode (target stopped for the whole write)"
+                ));
+                mode = Mode::Suspend;
             }
         }
-        let extra_opts = inj.options;
-        let vdso_insn = if mode != Mode::Suspend {
-            inject::find_syscall_in_vdso(&target_maps, &target_mem)
-        } else {
-            None
-        };
-        if let Some(insn) = vdso_insn {
-            let z = leftover_clones(pid);
-            if !z.is_empty() {
-                match inject::reap_in_target(pid, &z, insn, extra_opts, opts.stop_timeout) {
-                    Ok(n) => warnings.push(format!(
-                        "reaped {n} leftover clone zombie(s) of an earlier interrupted dump"
-                    )),
-                    Err(e) => warnings.push(format!(
-                        "could not reap leftover clone zombies: {}",
-                        e.with_causes()
-                    )),
-                }
+    }
+    let extra_opts = inj.options;
+    let vdso_insn = if mode != Mode::Suspend {
+        inject::find_syscall_in_vdso(&target_maps, &target_mem)
+    } else {
+        None
+    };
+    if let Some(insn) = vdso_insn {
+        let z = leftover_clones(pid);
+        if !z.is_empty() {
+            match inject::reap_in_target(pid, &z, insn, extra_opts, opts.stop_timeout) {
+                Ok(n) => warnings.push(format!(
+                    "reaped {n} leftover clone zombie(s) of an earlier interrupted dump"
+                )),
+                Err(e) => warnings.push(format!(
+                    "could not reap leftover clone zombies: {}",
+                    e.with_causes()
+                )),
             }
         }
-        let estimate = estimate_pause(&process.status, &target_maps, mode);
-        if let Some(max) = opts.max_pause {
-            if estimate > max {
-                return Err(Error::PauseTooLong {
-                    pid,
-                    estimate_ms: estimate.as_secs_f64() * 1e3,
-                    limit_ms: max.as_secs_f64() * 1e3,
-                });
+    }
+    let estimate = estimate_pause(&process.status, &target_maps, mode);
+    if let Some(max) = opts.max_pause {
+        if estimate > max {
+            return Err(Error::PauseTooLong {
+                pid,
+                estimate_ms: estimate.as_secs_f64() * 1e3,
+                limit_ms: max.as_secs_f64() * 1e3,
+            });
+        }
+    }
+    if opts.cancelled() {
+        return Err(Error::Cancelled);
+    }
+    let xbuf = vec![0u8; arch::xstate_buffer_size()];
+    let pause = PauseBreakdown {
+        estimate_us: us(estimate),
+        ..Default::default()
+    };
+    Ok(Prepared {
+        process,
+        lock,
+        warnings,
+        mm,
+        target_maps,
+        target_mem,
+        mode,
+        inj,
+        vdso_insn,
+        xbuf,
+        pause,
+    })
+}
+
+/// The pause: stop every thread, borrow one for the injected `clone()` (the others are
+/// captured meanwhile) and release them all; in suspend mode (or when `Auto` falls back)
+/// capture every thread and keep them stopped.
+fn pause_target(pid: Pid, opts: &Options, p: Prepared) -> Result<(Prepared, Paused)> {
+    let Prepared {
+        process,
+        lock,
+        mut warnings,
+        mm,
+        target_maps,
+        target_mem,
+        mode,
+        inj,
+        vdso_insn,
+        mut xbuf,
+        mut pause,
+    } = p;
+    let extra_opts = inj.options;
+    let first = proc::threads(pid)?;
+
+    // ---- the pause begins ----
+    let t0 = Instant::now();
+    pause.started_ns = monotonic_ns();
+    let mut stopped = StoppedProcess::stop(pid, first, opts.stop_timeout)?;
+    pause.stop_us = us(t0.elapsed());
+    // Everyone is stopped: from here on nothing of the target needs a CPU until it is
+    // released, so the tracer may hold one.
+    let boost = PauseBoost::new();
+    opts.phase(Phase::Stopped);
+
+    let mut clone = None;
+    let mut threads = None;
+    if mode != Mode::Suspend {
+        let mut all = None;
+        let insn = match vdso_insn {
+            Some(i) => Some(i),
+            None => {
+                // No vDSO: borrow the instruction a blocked thread sits behind.
+                let t = stopped.capture(&mut xbuf)?;
+                let i = inject::find_syscall_behind(&t, &target_mem);
+                all = Some(t);
+                i
             }
-        }
-        if opts.cancelled() {
-            return Err(Error::Cancelled);
-        }
-        let mut xbuf = vec![0u8; arch::xstate_buffer_size()];
-        let mut pause = PauseBreakdown {
-            estimate_us: us(estimate),
-            ..Default::default()
         };
-
-        let first = proc::threads(pid)?;
-
-        // ---- the pause begins ----
-        let t0 = Instant::now();
-        pause.started_ns = monotonic_ns();
-        let mut stopped = StoppedProcess::stop(pid, first, opts.stop_timeout)?;
-        pause.stop_us = us(t0.elapsed());
-        // Everyone is stopped: from here on nothing of the target needs a CPU until it is
-        // released, so the tracer may hold one.
-        let boost = PauseBoost::new();
-        opts.phase(Phase::Stopped);
-
-        let mut clone = None;
-        let mut threads = None;
-        if mode != Mode::Suspend {
-            let mut all = None;
-            let insn = match vdso_insn {
-                Some(i) => Some(i),
-                None => {
-                    // No vDSO: borrow the instruction a blocked thread sits behind.
-                    let t = stopped.capture(&mut xbuf)?;
-                    let i = inject::find_syscall_behind(&t, &target_mem);
-                    all = Some(t);
-                    i
-                }
-            };
-            // Never borrow a thread whose seccomp filter could kill the process for the
-            // injected clone (unless filters are suspended); prefer threads without one.
-            let unfiltered = |tid: Pid| !inj.filtered || inject::thread_seccomp(pid, tid) == 0;
-            let chosen = match pick_thread(&stopped, &mut xbuf, &unfiltered)? {
-                None if inj.options != 0 => pick_thread(&stopped, &mut xbuf, &|_| true)?,
-                c => c,
-            };
-            let attempt = match (insn, chosen) {
-                (None, _) => Err(Error::ReflectUnavailable {
-                    pid,
-                    reason: "no syscall instruction to borrow (no [vdso], no thread blocked in a syscall)".into(),
-                }),
-                (_, None) => Err(Error::ReflectUnavailable {
-                    pid,
-                    reason: "no thread can safely run the injected clone (all are delivering signals, group-stopped, in mask-swapping syscalls, or under a seccomp filter)".into(),
-                }),
-                (Some(insn), Some(t)) => {
-                    // The address was found before the pause: make sure it still holds a
-                    // `syscall` (an exec since then would have replaced the address space,
-                    // and the descriptor opened before no longer reads it).
-                    let mut b = [0u8; 2];
-                    match target_mem.read_at(insn, &mut b) {
-                        Ok(2) if b == [0x0f, 0x05] => {
-                            reflect(&mut stopped, t, insn, extra_opts, t0, &mut pause, &mut xbuf)
-                        }
-                        _ => {
-                            return Err(Error::io(
-                                format!("stopping pid {pid}"),
-                                std::io::Error::other(
-                                    "it executed a new program (exec) while being stopped; try again",
-                                ),
-                            ))
-                        }
+        // Never borrow a thread whose seccomp filter could kill the process for the
+        // injected clone (unless filters are suspended); prefer threads without one.
+        let unfiltered = |tid: Pid| !inj.filtered || inject::thread_seccomp(pid, tid) == 0;
+        let chosen = match pick_thread(&stopped, &mut xbuf, &unfiltered)? {
+            None if inj.options != 0 => pick_thread(&stopped, &mut xbuf, &|_| true)?,
+            c => c,
+        };
+        let attempt = match (insn, chosen) {
+            (None, _) => Err(Error::ReflectUnavailable {
+                pid,
+                reason: "no syscall instruction to borrow (no [vdso], no thread blocked in a syscall)".into(),
+            }),
+            (_, None) => Err(Error::ReflectUnavailable {
+                pid,
+                reason: "no thread can safely run the injected clone (all are delivering signals, group-stopped, in mask-swapping syscalls, or under a seccomp filter)".into(),
+            }),
+            (Some(insn), Some(t)) => {
+                // The address was found before the pause: make sure it still holds a
+                // `syscall` (an exec since then would have replaced the address space,
+                // and the descriptor opened before no longer reads it).
+                let mut b = [0u8; 2];
+                match target_mem.read_at(insn, &mut b) {
+                    Ok(2) if b == [0x0f, 0x05] => {
+                        reflect(&mut stopped, t, insn, extra_opts, t0, &mut pause, &mut xbuf)
+                    }
+                    _ => {
+                        return Err(Error::io(
+                            format!("stopping pid {pid}"),
+                            std::io::Error::other(
+                                "it executed a new program (exec) while being stopped; try again",
+                            ),
+                        ))
                     }
                 }
-            };
-            match attempt {
-                Ok((c, captured)) => {
-                    pause.total_us = us(t0.elapsed());
-                    threads = Some(captured);
-                    clone = Some(CloneGuard {
-                        target: pid,
-                        target_start: process.stat.start_time,
-                        clone: c,
-                        clone_ns: c,
-                        insn: insn.unwrap_or(0),
-                        options: extra_opts,
-                        stop_timeout: opts.stop_timeout,
-                        hook: opts.hook.clone().map(PhaseHookDebug),
-                    });
-                }
-                Err(e @ Error::ReflectUnavailable { .. })
-                    if mode == Mode::Auto && !stopped.tracees().is_empty() =>
-                {
-                    warnings.push(format!("{e}: dumped in suspend mode instead"));
-                    threads = all;
-                }
-                Err(e) => return Err(e),
             }
+        };
+        match attempt {
+            Ok((c, captured)) => {
+                pause.total_us = us(t0.elapsed());
+                threads = Some(captured);
+                clone = Some(CloneGuard {
+                    target: pid,
+                    target_start: process.stat.start_time,
+                    clone: c,
+                    clone_ns: c,
+                    insn: insn.unwrap_or(0),
+                    options: extra_opts,
+                    stop_timeout: opts.stop_timeout,
+                    hook: opts.hook.clone().map(PhaseHookDebug),
+                });
+            }
+            Err(e @ Error::ReflectUnavailable { .. })
+                if mode == Mode::Auto && !stopped.tracees().is_empty() =>
+            {
+                warnings.push(format!("{e}: dumped in suspend mode instead"));
+                threads = all;
+            }
+            Err(e) => return Err(e),
         }
-        let threads = match threads {
-            Some(t) => t,
-            None => {
-                let t1 = Instant::now();
-                let t = stopped.capture(&mut xbuf)?;
-                pause.capture_us = us(t1.elapsed());
-                t
-            }
-        };
-        // ---- the pause ends (reflect mode) ----
-        drop(boost);
-
-        let (image_pid, stopped, lock) = match clone.as_ref().map(|c| (c.clone, c.insn)) {
-            Some((c, insn)) => {
-                drop(lock);
-                mode = Mode::Reflect;
-                let ns = setup_clone(c, insn)?;
-                if let Some(g) = clone.as_mut() {
-                    g.clone_ns = ns;
-                }
-                opts.phase(Phase::Released);
-                (c, None, None)
-            }
-            None => {
-                mode = Mode::Suspend;
-                (mm, Some(stopped), Some(lock))
-            }
-        };
-        let times = threads
-            .iter()
-            .map(|t| ThreadTimes::read(pid, t.tid))
-            .collect();
-        let (mappings, live) = if clone.is_some() {
-            image_mappings(image_pid, &target_maps, &mut warnings)?
-        } else {
-            (proc::maps::read_smaps(mm)?, Vec::new())
-        };
-        let rseq_orig = match &clone {
-            Some(_) => crate::direct::rseq_area(image_pid),
-            None => None,
-        };
-        let image = ProcMem::open(image_pid)?;
-        let image_pagemap = Pagemap::open(image_pid).ok();
-        Ok(Snapshot {
-            pid,
-            mode,
-            process,
-            threads,
-            times,
-            mappings,
-            live,
-            image,
-            image_pagemap,
-            target_mem,
-            clone,
-            stopped,
-            _lock: lock,
-            write_path: opts.write_path,
-            rseq_orig,
-            stopped_at: t0,
-            pause,
-            warnings,
-            _not_send: PhantomData,
-        })
     }
+    let threads = match threads {
+        Some(t) => t,
+        None => {
+            let t1 = Instant::now();
+            let t = stopped.capture(&mut xbuf)?;
+            pause.capture_us = us(t1.elapsed());
+            t
+        }
+    };
+    // ---- the pause ends (reflect mode) ----
+    drop(boost);
+    Ok((
+        Prepared {
+            process,
+            lock,
+            warnings,
+            mm,
+            target_maps,
+            target_mem,
+            mode,
+            inj,
+            vdso_insn,
+            xbuf,
+            pause,
+        },
+        Paused {
+            t0,
+            stopped,
+            clone,
+            threads,
+        },
+    ))
+}
+
+/// Release: set the clone up (or keep the target stopped, in suspend mode) and read the
+/// image's map, the threads' times and the rseq area.
+fn release(pid: Pid, opts: &Options, p: Prepared, paused: Paused) -> Result<Snapshot> {
+    let Prepared {
+        process,
+        lock,
+        mut warnings,
+        mm,
+        target_maps,
+        target_mem,
+        pause,
+        ..
+    } = p;
+    let Paused {
+        t0,
+        stopped,
+        mut clone,
+        threads,
+    } = paused;
+    let mode;
+    let (image_pid, stopped, lock) = match clone.as_ref().map(|c| (c.clone, c.insn)) {
+        Some((c, insn)) => {
+            drop(lock);
+            mode = Mode::Reflect;
+            let ns = setup_clone(c, insn)?;
+            if let Some(g) = clone.as_mut() {
+                g.clone_ns = ns;
+            }
+            opts.phase(Phase::Released);
+            (c, None, None)
+        }
+        None => {
+            mode = Mode::Suspend;
+            (mm, Some(stopped), Some(lock))
+        }
+    };
+    let times = threads
+        .iter()
+        .map(|t| ThreadTimes::read(pid, t.tid))
+        .collect();
+    let (mappings, live) = if clone.is_some() {
+        image_mappings(image_pid, &target_maps, &mut warnings)?
+    } else {
+        (proc::maps::read_smaps(mm)?, Vec::new())
+    };
+    let rseq_orig = match &clone {
+        Some(_) => crate::direct::rseq_area(image_pid),
+        None => None,
+    };
+    let image = ProcMem::open(image_pid)?;
+    let image_pagemap = Pagemap::open(image_pid).ok();
+    Ok(Snapshot {
+        pid,
+        mode,
+        process,
+        threads,
+        times,
+        mappings,
+        live,
+        image,
+        image_pagemap,
+        target_mem,
+        clone,
+        stopped,
+        _lock: lock,
+        write_path: opts.write_path,
+        rseq_orig,
+        stopped_at: t0,
+        pause,
+        warnings,
+        _not_send: PhantomData,
+    })
 }
 
 /// Picks the thread to borrow for the injection and captures its state: the first one
