@@ -60,16 +60,6 @@ pub fn eligible(kind: StopKind, regs: &Regs) -> bool {
     }
 }
 
-/// Picks the thread to borrow: one interrupted in user mode if any, else one in a
-/// restartable syscall. `None` if no thread is safe to use.
-pub fn choose_thread(threads: &[ThreadState]) -> Option<usize> {
-    let ok = |t: &ThreadState| eligible(t.kind, &t.regs);
-    threads
-        .iter()
-        .position(|t| ok(t) && t.regs.syscall_nr().is_none())
-        .or_else(|| threads.iter().position(ok))
-}
-
 /// What an injected syscall did.
 #[derive(Debug, Clone, Copy)]
 pub struct Injected {
@@ -160,6 +150,76 @@ pub fn inject_syscall(
     let out = res?;
     restored?;
     Ok(out)
+}
+
+/// A stopped thread borrowed to run injected syscalls. Each [`InjectedThread::syscall`]
+/// puts the thread's registers, signal mask and ptrace options back as they were (see
+/// [`inject_syscall`]); dropping the handle detaches the thread, which runs on.
+#[derive(Debug)]
+pub(crate) struct InjectedThread {
+    tracee: Tracee,
+    /// Its registers when it was borrowed.
+    saved: Regs,
+    /// Its signal mask when it was borrowed.
+    saved_mask: u64,
+    /// The `syscall` instruction it executes.
+    insn: u64,
+    /// Extra ptrace options during each syscall.
+    options: u32,
+    /// How long each syscall may take.
+    timeout: Duration,
+}
+
+impl InjectedThread {
+    /// Borrows `tracee`, stopped with registers `saved`, to run syscalls through the
+    /// `syscall` instruction at `insn`. On error (its signal mask unreadable) the thread is
+    /// detached.
+    pub(crate) fn new(
+        tracee: Tracee,
+        saved: Regs,
+        insn: u64,
+        options: u32,
+        timeout: Duration,
+    ) -> Result<InjectedThread> {
+        let saved_mask = match ptrace::get_sigmask(tracee.tid) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = stop::detach_tracee(&tracee);
+                return Err(e);
+            }
+        };
+        Ok(InjectedThread {
+            tracee,
+            saved,
+            saved_mask,
+            insn,
+            options,
+            timeout,
+        })
+    }
+
+    /// Runs syscall `nr(args)` on the thread; its return value (`-errno` on failure).
+    pub(crate) fn syscall(&mut self, nr: u64, args: [u64; 6]) -> Result<i64> {
+        inject_syscall(
+            self.tracee.tid,
+            &self.saved,
+            self.saved_mask,
+            self.insn,
+            nr,
+            args,
+            self.options,
+            self.timeout,
+            &mut |_| Ok(()),
+            &mut || Ok(()),
+        )
+        .map(|r| r.ret)
+    }
+}
+
+impl Drop for InjectedThread {
+    fn drop(&mut self) {
+        let _ = stop::detach_tracee(&self.tracee);
+    }
 }
 
 /// Signals a thread gets for an instruction it executes: if the borrowed `syscall` raises
@@ -286,30 +346,19 @@ pub fn reap_in_target(
             let _ = stop::detach_tracee(&tracee);
             continue;
         }
-        let mask = ptrace::get_sigmask(tid);
+        // Detached when dropped, also on error.
+        let mut thread = InjectedThread::new(tracee, regs, insn, options, timeout)?;
         let mut reaped = 0;
-        let res = mask.and_then(|mask| {
-            for &z in zombies {
-                let r = inject_syscall(
-                    tid,
-                    &regs,
-                    mask,
-                    insn,
-                    arch::SYS_WAIT4,
-                    [z as u64, 0, WALL | libc::WNOHANG as u64, 0, 0, 0],
-                    options,
-                    timeout,
-                    &mut |_| Ok(()),
-                    &mut || Ok(()),
-                )?;
-                if r.ret == z as i64 {
-                    reaped += 1;
-                }
+        for &z in zombies {
+            let ret = thread.syscall(
+                arch::SYS_WAIT4,
+                [z as u64, 0, WALL | libc::WNOHANG as u64, 0, 0, 0],
+            )?;
+            if ret == z as i64 {
+                reaped += 1;
             }
-            Ok(())
-        });
-        let _ = stop::detach_tracee(&tracee);
-        res?;
+        }
+        drop(thread);
         return Ok(reaped);
     }
     Ok(0)

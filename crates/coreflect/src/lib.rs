@@ -44,15 +44,19 @@
 //!
 //! - [`inspect`]: what a snapshot tells — [`Thread`], [`Registers`], [`AuxvEntry`],
 //!   [`Module`], [`Freshness`];
-//! - [`snapshot`]: [`Options`], [`Mode`], [`Phase`] and how reflection works;
+//! - [`snapshot`]: [`Options`], [`Mode`], [`Phase`], [`snapshot::preflight`],
+//!   [`snapshot::estimate_pause`] and how reflection works (its source is cut by stage:
+//!   options, preflight, pause, clone);
 //! - [`dump`](mod@dump): the whole dump into a file;
 //! - [`select`]: which memory goes into a core (`coredump_filter` rules, or your own policy);
 //! - [`trace`]: staying a process's tracer to intercept its signals (`coreflect watch`);
 //! - low-level building blocks, stable only as far as the items above need them:
 //!   [`elf`] (notes, the streaming core writer over any [`elf::writer::Sink`], a core
 //!   reader), [`proc`] (reading `/proc/PID/*`), [`output`] (creating the core file safely).
-//!   The ptrace, stopping, injection, locking and architecture modules are internal and
-//!   hidden from these docs.
+//!   The injection, locking, direct-writing and reaping modules are private to the crate;
+//!   the ptrace and stopping modules are public only because [`trace`] passes their types
+//!   through, and hidden from these docs with the architecture, calibration and explain
+//!   modules.
 //!
 //! Linux on x86_64 only; tracing needs root, `CAP_SYS_PTRACE`, or the target's user with
 //! `kernel.yama.ptrace_scope` = 0.
@@ -66,26 +70,26 @@ pub mod access;
 pub mod arch;
 #[doc(hidden)]
 pub mod calibrate;
-#[doc(hidden)]
-pub mod direct;
+pub(crate) mod direct;
 pub mod dump;
 pub mod elf;
 pub mod error;
 #[doc(hidden)]
 pub mod explain;
-#[doc(hidden)]
-pub mod inject;
+pub(crate) mod inject;
 pub mod inspect;
 pub mod level;
-#[doc(hidden)]
-pub mod lock;
+pub(crate) mod lock;
 pub mod output;
 pub mod proc;
+// Public (hidden) only because the CLI's `watch` matches `ptrace::WaitStatus`.
 #[doc(hidden)]
 pub mod ptrace;
 mod reap;
 pub mod select;
 pub mod snapshot;
+// Public (hidden) only because `trace::Tracer::stop_all` and `trace::dump_held` pass a
+// `stop::StoppedProcess` to their callers (the CLI's `watch`).
 #[doc(hidden)]
 pub mod stop;
 pub mod trace;

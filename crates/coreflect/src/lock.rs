@@ -203,6 +203,7 @@ impl TargetLock {
     }
 
     /// True when the lock is really held (not ignored).
+    #[cfg(test)]
     pub fn is_held(&self) -> bool {
         self._listener.is_some()
     }

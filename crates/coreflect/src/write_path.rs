@@ -7,7 +7,7 @@
 //!   `O_DIRECT` hands those pages to the block layer, which reads them by DMA. No page is
 //!   pinned (pinning a copy-on-write page would make the kernel copy it), none goes through
 //!   the page cache. The clone gets the pipes' write ends over `SCM_RIGHTS` after its file
-//!   table has been unshared and emptied (see [`crate::direct`]).
+//!   table has been unshared and emptied (see the crate-internal `direct` module).
 //! - **Release-behind.** Once a few pipe-fulls have been `vmsplice`d, the clone drops them
 //!   (`madvise(MADV_DONTNEED)`), without waiting for the pipes to drain: the pipes'
 //!   references keep the snapshot's bytes until they are on disk, and as soon as they are,

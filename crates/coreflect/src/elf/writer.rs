@@ -658,11 +658,11 @@ pub fn is_zero(b: &[u8]) -> bool {
 }
 
 /// Writes a whole core into `file`, the clone writing its own memory (see
-/// [`crate::direct`]): one copy per page instead of three. Ranges the clone cannot write —
+/// the crate-internal `direct` module): one copy per page instead of three. Ranges the clone cannot write —
 /// memory read from the live target, pages it cannot read — go the usual way through `mem`.
 /// The file's bytes are the same as [`write_core`]'s (zero pages are written rather than
 /// left as holes).
-pub fn write_core_direct(
+pub(crate) fn write_core_direct(
     file: &File,
     notes: &[u8],
     segs: &[SegmentPlan],

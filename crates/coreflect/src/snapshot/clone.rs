@@ -1,0 +1,178 @@
+//! The clone: what is done to it at its first stop ([`setup_clone`]), the image's memory
+//! map read from it ([`image_mappings`]), its guard that kills it and reaps its zombie
+//! inside the target ([`CloneGuard`]), the zombies an interrupted dump left
+//! ([`leftover_clones`]), and the clone's rseq area, which the kernel rewrites whenever the
+//! clone passes through its return-to-user path ([`restore_rseq`]).
+
+use super::{Phase, PhaseHook, Range};
+use crate::arch::x86_64::{self as arch};
+use crate::error::{Error, Pid, Result};
+use crate::proc::{self, Mapping};
+use crate::ptrace::{self, WaitStatus};
+use std::time::{Duration, Instant};
+
+/// `CLONE_FILES`: share the fd table, so the clone holds no extra file references.
+pub(super) const CLONE_FILES: u64 = 0x400;
+
+/// The clone: stopped, traced by us, set to `exit_group(0)` if it ever runs. Killed and
+/// reaped when dropped.
+#[derive(Debug)]
+pub(super) struct CloneGuard {
+    pub(super) target: Pid,
+    pub(super) target_start: u64,
+    pub(super) clone: Pid,
+    /// The clone's pid in the target's pid namespace (what `wait4` there needs).
+    pub(super) clone_ns: Pid,
+    /// The `syscall` instruction the clone's registers point at.
+    pub(super) insn: u64,
+    pub(super) options: u32,
+    pub(super) stop_timeout: Duration,
+    pub(super) hook: Option<PhaseHookDebug>,
+}
+
+#[derive(Clone)]
+pub(super) struct PhaseHookDebug(pub(super) PhaseHook);
+impl std::fmt::Debug for PhaseHookDebug {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("hook")
+    }
+}
+
+impl CloneGuard {
+    /// Kills the clone and reaps its zombie inside the target, unseen by the target's
+    /// `wait`s (see [`crate::reap`]). Returns a warning if the zombie was left for the next
+    /// dump, and the length of the reap's stop.
+    pub(super) fn finish(&mut self) -> crate::reap::Reaped {
+        if self.clone == 0 {
+            return Default::default();
+        }
+        let clone = std::mem::take(&mut self.clone);
+        let hook = || {
+            if let Some(h) = &self.hook {
+                (h.0)(Phase::Reaping)
+            }
+        };
+        crate::reap::kill_and_reap(
+            self.target,
+            self.target_start,
+            clone,
+            self.clone_ns,
+            self.insn,
+            self.options,
+            self.stop_timeout,
+            &hook,
+        )
+    }
+}
+
+impl Drop for CloneGuard {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
+/// Children of `pid` that look like clones left by an interrupted coreflect: zombies created
+/// with exit signal 0 (`PTRACE_EVENT_CLONE`), invisible to the target's own `wait`.
+/// Returns their pids in the target's pid namespace. A coreflect clone exits with status
+/// [`CLONE_EXIT_CODE`] (or is killed by SIGKILL when its tracer died).
+pub fn leftover_clones(pid: Pid) -> Vec<Pid> {
+    proc::children(pid)
+        .into_iter()
+        .filter(|&c| {
+            proc::Stat::read(c).is_ok_and(|s| {
+                s.state == 'Z'
+                    && s.exit_signal == 0
+                    && (s.exit_code == CLONE_EXIT_CODE << 8 || s.exit_code == libc::SIGKILL)
+            })
+        })
+        .filter_map(|c| match proc::Status::read(c) {
+            Ok(st) if st.ns_pid > 0 => Some(st.ns_pid),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The exit code coreflect's clones exit with: it marks their zombies as ours.
+pub const CLONE_EXIT_CODE: i32 = 0xCF;
+
+/// At the clone's first stop: point it at `exit_group(CLONE_EXIT_CODE)` so it can never run the target's
+/// code, kill it if we die, and make it the OOM killer's first choice.
+pub(super) fn setup_clone(clone: Pid, insn: u64) -> Result<Pid> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    match ptrace::wait_until(clone, deadline)? {
+        Some(WaitStatus::Stopped { .. }) => {}
+        other => {
+            return Err(Error::io(
+                format!("waiting for the clone {clone} to stop"),
+                std::io::Error::other(format!("unexpected status {other:?}")),
+            ))
+        }
+    }
+    let mut r = ptrace::get_regs(clone)?;
+    r.0.rip = insn;
+    r.0.rax = arch::SYS_EXIT_GROUP;
+    r.0.orig_rax = u64::MAX;
+    r.0.rdi = CLONE_EXIT_CODE as u64;
+    ptrace::set_regs(clone, &r)?;
+    ptrace::set_options(clone, ptrace::O_EXITKILL)?;
+    let _ = std::fs::write(format!("/proc/{clone}/oom_score_adj"), "1000");
+    // In a container the target knows the clone by another pid.
+    Ok(proc::Status::read(clone)
+        .ok()
+        .map(|s| s.ns_pid)
+        .filter(|&p| p > 0)
+        .unwrap_or(clone))
+}
+
+/// The clone's memory map, plus what only the live target holds (MADV_DONTFORK ranges are
+/// absent from the clone, MADV_WIPEONFORK ranges are zero there): those are read live. The
+/// target's map is the one read just before the pause.
+pub(super) fn image_mappings(
+    clone: Pid,
+    target_maps: &[Mapping],
+    warnings: &mut Vec<String>,
+) -> Result<(Vec<Mapping>, Vec<Range>)> {
+    let mut maps = proc::maps::read_smaps(clone)?;
+    let mut live = Vec::new();
+    for m in target_maps
+        .iter()
+        .filter(|m| m.has_flag("dc") || m.has_flag("wf"))
+    {
+        let overlaps = maps.iter().any(|c| c.start < m.end && m.start < c.end);
+        if m.has_flag("dc") && overlaps {
+            continue;
+        }
+        if m.has_flag("dc") {
+            maps.push(m.clone());
+        } else if let Some(c) = maps
+            .iter_mut()
+            .find(|c| c.start == m.start && c.end == m.end)
+        {
+            // Wiped in the clone: describe it by the target's contents.
+            c.anonymous_kb = m.anonymous_kb;
+            c.swap_kb = m.swap_kb;
+            c.rss_kb = m.rss_kb;
+        }
+        live.push((m.start, m.end));
+        warnings.push(format!(
+            "{:#x}-{:#x} ({} KiB, {}) is {} and was read from the live target, not the frozen image",
+            m.start,
+            m.end,
+            m.len() / 1024,
+            if m.name.is_empty() { "anonymous" } else { &m.name },
+            if m.has_flag("dc") { "MADV_DONTFORK" } else { "MADV_WIPEONFORK" }
+        ));
+    }
+    maps.sort_by_key(|m| m.start);
+    Ok((maps, live))
+}
+
+/// Puts back, where they overlap a read of `buf` at `addr` (`n` bytes read), the clone's rseq
+/// bytes as the snapshot holds them (`orig` at `at`).
+pub(super) fn restore_rseq(at: u64, orig: &[u8], addr: u64, n: usize, buf: &mut [u8]) {
+    let (s, e) = (addr.max(at), (addr + n as u64).min(at + orig.len() as u64));
+    if s < e {
+        buf[(s - addr) as usize..(e - addr) as usize]
+            .copy_from_slice(&orig[(s - at) as usize..(e - at) as usize]);
+    }
+}
