@@ -213,19 +213,7 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
                 .into(),
         );
     }
-    for u in &stats.unreadable {
-        warnings.push(format!(
-            "{:#x}-{:#x} ({}) could not be read ({}); left as a hole",
-            u.start,
-            u.end,
-            if u.name.is_empty() {
-                "anonymous"
-            } else {
-                &u.name
-            },
-            u.error
-        ));
-    }
+    warnings.extend(unreadable_warnings(&stats));
     let mut pause = snap.pause();
     // The image is written: let the clone's teardown run while the file gets its name.
     snap.release_image();
@@ -394,4 +382,25 @@ fn log_capture(snap: &Snapshot, t: Instant) {
         p.capture_us as f64 / 1e3,
         p.estimate_us as f64 / 1e3
     );
+}
+
+/// One warning per range the writer could not read (left as a hole in the core).
+pub(crate) fn unreadable_warnings(stats: &crate::elf::writer::WriteStats) -> Vec<String> {
+    stats
+        .unreadable
+        .iter()
+        .map(|u| {
+            format!(
+                "{:#x}-{:#x} ({}) could not be read ({}); left as a hole",
+                u.start,
+                u.end,
+                if u.name.is_empty() {
+                    "anonymous"
+                } else {
+                    &u.name
+                },
+                u.error
+            )
+        })
+        .collect()
 }

@@ -539,6 +539,11 @@ pub fn dump_held(
         duration_ms: t0.elapsed().as_millis() as u64,
         level: opts.level,
         compressed_size: None,
-        warnings: snap.warnings().to_vec(),
+        warnings: snap
+            .warnings()
+            .iter()
+            .cloned()
+            .chain(crate::dump::unreadable_warnings(&stats))
+            .collect(),
     })
 }

@@ -280,7 +280,7 @@ impl<'a> Watcher<'a> {
     }
 
     fn add(&mut self, pid: Pid) -> Result<(), String> {
-        let info = coreflect::snapshot::preflight(pid).map_err(|e| e.to_string())?;
+        let info = coreflect::snapshot::preflight(pid).map_err(|e| e.with_causes())?;
         let mut cpus = None;
         let mut mem_limit = None;
         if self.a.cgroup {
@@ -509,11 +509,11 @@ impl<'a> Watcher<'a> {
             Err(Error::Cancelled) => {}
             Err(e @ Error::PauseTooLong { .. }) => self.skip(pid, trigger, &e.to_string()),
             Err(e) => self.out.event(
-                &format!("[{trigger}] dump of pid {pid} failed: {e}"),
+                &format!("[{trigger}] dump of pid {pid} failed: {}", e.with_causes()),
                 format!(
                     "{{\"event\":\"error\",\"pid\":{pid},\"trigger\":{},\"message\":{}}}",
                     json_str(trigger),
-                    json_str(&e.to_string())
+                    json_str(&e.with_causes())
                 ),
             ),
         }
@@ -667,7 +667,7 @@ impl<'a> Watcher<'a> {
         let comm = self.watched[0].comm.clone();
         let mut tracer = match Tracer::attach(pid, &self.a.signal) {
             Ok(t) => t,
-            Err(e) => return End::Failed(e.to_string()),
+            Err(e) => return End::Failed(e.with_causes()),
         };
         self.announce();
         let mut next_poll = Instant::now();
@@ -708,7 +708,7 @@ impl<'a> Watcher<'a> {
                         fired.push((Some(tid), "signal".into()));
                     }
                     Ok(Some(Event::Exited(st))) => break End::TargetExited(exit_text(st)),
-                    Err(e) => break End::Failed(e.to_string()),
+                    Err(e) => break End::Failed(e.with_causes()),
                 }
             }
             for (tid, trigger) in fired {
@@ -744,7 +744,10 @@ impl<'a> Watcher<'a> {
                 if let Err(e) = resumed {
                     return self.end_traced(
                         tracer,
-                        End::Failed(format!("resuming the target after the dump: {e}")),
+                        End::Failed(format!(
+                            "resuming the target after the dump: {}",
+                            e.with_causes()
+                        )),
                     );
                 }
             }
@@ -761,10 +764,10 @@ impl<'a> Watcher<'a> {
         match r {
             Err(e) if !matches!(end, End::TargetExited(_)) => {
                 self.out.event(
-                    &format!("detaching from the target: {e}"),
+                    &format!("detaching from the target: {}", e.with_causes()),
                     format!(
                         "{{\"event\":\"error\",\"message\":{}}}",
-                        json_str(&format!("detaching from the target: {e}"))
+                        json_str(&format!("detaching from the target: {}", e.with_causes()))
                     ),
                 );
                 end
