@@ -168,3 +168,111 @@ fn crash_handler_takes_a_hostile_command_name_as_a_name() {
         let _ = std::fs::remove_dir_all(d);
     }
 }
+
+/// An ELF header of a core with `phnum` program headers right after it (`shoff`/`shnum`
+/// for PN_XNUM).
+fn ehdr(phnum: u16, shoff: u64, shnum: u16) -> Vec<u8> {
+    let mut e = b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0".to_vec();
+    e.extend_from_slice(&4u16.to_le_bytes()); // ET_CORE
+    e.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    e.extend_from_slice(&1u32.to_le_bytes());
+    e.extend_from_slice(&0u64.to_le_bytes()); // entry
+    e.extend_from_slice(&64u64.to_le_bytes()); // phoff
+    e.extend_from_slice(&shoff.to_le_bytes());
+    e.extend_from_slice(&0u32.to_le_bytes()); // flags
+    for v in [64u16, 56, phnum, if shnum > 0 { 64 } else { 0 }, shnum, 0] {
+        e.extend_from_slice(&v.to_le_bytes());
+    }
+    e
+}
+
+fn pt_note(offset: u64, filesz: u64) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&4u32.to_le_bytes()); // PT_NOTE
+    p.extend_from_slice(&4u32.to_le_bytes());
+    for v in [offset, 0, 0, filesz, 0, 4] {
+        p.extend_from_slice(&v.to_le_bytes());
+    }
+    p
+}
+
+/// `coreflect info` on crafted sparse cores whose headers claim huge tables: 50 million
+/// program headers (PN_XNUM) made it allocate and read ~5 GiB; one zero-filled 1 GiB notes
+/// segment (89 million empty notes), or many notes segments over the same bytes, made it
+/// die of a failed allocation (SIGABRT). Each must be a one-line error, within a memory
+/// limit far below those sizes.
+#[test]
+fn info_memory_stays_bounded_on_crafted_cores() {
+    use std::os::unix::process::CommandExt;
+    let dir = tmpdir("crafted");
+    // 50M program headers announced through the section header (PN_XNUM).
+    let xnum = dir.join("xnum.core");
+    let mut b = ehdr(0xffff, 4096, 1);
+    b.resize(4096, 0);
+    let mut sh = vec![0u8; 64];
+    sh[44..48].copy_from_slice(&50_000_000u32.to_le_bytes()); // sh_info
+    b.extend_from_slice(&sh);
+    std::fs::write(&xnum, &b).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&xnum)
+        .unwrap()
+        .set_len(4 << 30)
+        .unwrap();
+    // One 1 GiB notes segment of zeros.
+    let zeros = dir.join("zero-notes.core");
+    let mut b = ehdr(1, 0, 0);
+    b.extend(pt_note(4096, (1 << 30) - 4096));
+    std::fs::write(&zeros, &b).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&zeros)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    // 40 notes segments of 200 MiB each, all over the same bytes.
+    let overlap = dir.join("overlapping-notes.core");
+    let mut b = ehdr(40, 0, 0);
+    for _ in 0..40 {
+        b.extend(pt_note(4096, 200 << 20));
+    }
+    std::fs::write(&overlap, &b).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&overlap)
+        .unwrap()
+        .set_len((200 << 20) + 4096)
+        .unwrap();
+    for f in [&xnum, &zeros, &overlap] {
+        let mut c = Command::new(exe());
+        c.args(["info", f.to_str().unwrap()]);
+        // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
+        unsafe {
+            c.pre_exec(|| {
+                let lim = libc::rlimit {
+                    rlim_cur: 1 << 30,
+                    rlim_max: 1 << 30,
+                };
+                if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        let o = c.output().unwrap();
+        let err = text(&o.stderr);
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "{}: {:?}\n{err}",
+            f.display(),
+            o.status
+        );
+        assert!(
+            err.starts_with("coreflect: error: ") && err.trim_end().lines().count() == 1,
+            "{}: {err}",
+            f.display()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
