@@ -446,6 +446,10 @@ pub fn estimate_pause(status: &proc::Status, maps: &[Mapping], mode: Mode) -> Du
 /// with exit signal 0 (`PTRACE_EVENT_CLONE`), invisible to the target's own `wait`.
 /// Returns their pids in the target's pid namespace. A coreflect clone exits with status
 /// [`CLONE_EXIT_CODE`] (or is killed by SIGKILL when its tracer died).
+///
+/// A zombie still traced belongs to a snapshot that is alive (another coreflect, or another
+/// snapshot in this process, between killing its clone and reaping it): it is not a
+/// leftover — that snapshot reaps it, and nobody else can before its tracer lets go.
 pub fn leftover_clones(pid: Pid) -> Vec<Pid> {
     proc::children(pid)
         .into_iter()
@@ -457,7 +461,7 @@ pub fn leftover_clones(pid: Pid) -> Vec<Pid> {
             })
         })
         .filter_map(|c| match proc::Status::read(c) {
-            Ok(st) if st.ns_pid > 0 => Some(st.ns_pid),
+            Ok(st) if st.ns_pid > 0 && st.tracer_pid == 0 => Some(st.ns_pid),
             _ => None,
         })
         .collect()
@@ -518,6 +522,7 @@ impl Snapshot {
             let z = leftover_clones(pid);
             if !z.is_empty() {
                 match inject::reap_in_target(pid, &z, insn, extra_opts, opts.stop_timeout) {
+                    Ok(0) => {}
                     Ok(n) => warnings.push(format!(
                         "reaped {n} leftover clone zombie(s) of an earlier interrupted dump"
                     )),

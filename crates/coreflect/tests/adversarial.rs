@@ -127,3 +127,64 @@ fn held_dump_of_a_target_killed_mid_write_fails() {
     );
     let _ = tracer.resume_all(Some(stopped));
 }
+
+fn zombie_children(pid: i32) -> Vec<i32> {
+    let mut v = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().file_name();
+        let ch =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{}/children", t.to_string_lossy()))
+                .unwrap_or_default();
+        for c in ch.split_whitespace().filter_map(|c| c.parse::<i32>().ok()) {
+            let st = std::fs::read_to_string(format!("/proc/{c}/stat")).unwrap_or_default();
+            if st.rsplit(')').next().unwrap_or("").trim().starts_with('Z') {
+                v.push(c);
+            }
+        }
+    }
+    v
+}
+
+/// Two snapshots of one target at once (`watch --clones`, two `coreflect dump`s): the first
+/// has killed its clone (its image is written) and is about to reap it when the second
+/// starts. The second took that zombie for a leftover of an interrupted dump and reaped it
+/// itself, so the first found nothing to reap (and a reused pid could be reaped in its
+/// place). A clone whose snapshot is still alive — its tracer still traces the zombie —
+/// belongs to that snapshot.
+#[test]
+fn a_concurrent_snapshot_does_not_reap_a_live_snapshots_clone() {
+    let t = Target::spawn(&["--heap-mib", "4", "--seq-pages", "8"]);
+    let o = Options {
+        mode: Mode::Reflect,
+        stop_timeout: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let mut a = coreflect::Snapshot::capture(t.pid, &o).unwrap();
+    let clone = a.clone_pid().expect("reflect mode has a clone");
+    a.release_image();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !zombie_children(t.pid).contains(&clone) {
+        assert!(
+            Instant::now() < deadline,
+            "the clone {clone} never became a zombie"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let b = coreflect::Snapshot::capture(t.pid, &o).unwrap();
+    assert!(
+        !b.warnings().iter().any(|w| w.contains("leftover")),
+        "the second snapshot reaped the first one's clone: {:?}",
+        b.warnings()
+    );
+    assert!(
+        zombie_children(t.pid).contains(&clone),
+        "the first snapshot's clone zombie {clone} was reaped by someone else"
+    );
+    assert_eq!(a.finish(), None, "the first snapshot's end warned");
+    assert_eq!(b.finish(), None, "the second snapshot's end warned");
+    assert!(
+        zombie_children(t.pid).is_empty(),
+        "zombies left in the target: {:?}",
+        zombie_children(t.pid)
+    );
+}
