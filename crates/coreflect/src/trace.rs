@@ -54,6 +54,10 @@ pub struct Tracer {
     watched: u64,
     threads: HashMap<Pid, State>,
     siginfo: HashMap<Pid, [u8; 128]>,
+    /// Processes (not threads) the target created with `clone()` and an exit signal other
+    /// than SIGCHLD: `PTRACE_O_TRACECLONE` attaches them too. They are detached at their
+    /// first stop and never counted as threads of the target.
+    foreign: std::collections::HashSet<Pid>,
     sigfd: libc::c_int,
     /// Signals passed through since the start.
     pub passed: u64,
@@ -121,6 +125,7 @@ impl Tracer {
             watched: watched.iter().fold(0, |m, &s| m | bit(s)),
             threads: HashMap::new(),
             siginfo: HashMap::new(),
+            foreign: Default::default(),
             sigfd,
             passed: 0,
         };
@@ -248,6 +253,26 @@ impl Tracer {
     /// Handles one wait status. With `holding`, every stop is kept (recorded as held),
     /// for [`Tracer::stop_all`]; otherwise only watched signals are.
     fn handle(&mut self, tid: Pid, st: WaitStatus, holding: bool) -> Result<Option<Event>> {
+        if self.foreign.contains(&tid) {
+            // Another process: let it go at its first stop (with the signal it was about
+            // to get, if any), or forget it once it is gone.
+            match st {
+                WaitStatus::Exited(_) | WaitStatus::Signaled(_) => {
+                    self.foreign.remove(&tid);
+                }
+                WaitStatus::Stopped { sig, event } => {
+                    let sig = if event == 0 { sig } else { 0 };
+                    if ptrace::detach(tid, sig).is_ok() || !pid_exists(tid) {
+                        self.foreign.remove(&tid);
+                    }
+                }
+                WaitStatus::SyscallStop => {
+                    let _ = ptrace::detach(tid, 0);
+                    self.foreign.remove(&tid);
+                }
+            }
+            return Ok(None);
+        }
         match st {
             WaitStatus::Exited(_) | WaitStatus::Signaled(_) => {
                 self.threads.remove(&tid);
@@ -265,9 +290,17 @@ impl Tracer {
             WaitStatus::Stopped { sig, event } => {
                 if event == ptrace::EVENT_CLONE {
                     if let Ok(new) = ptrace::event_msg(tid) {
-                        self.threads.entry(new as Pid).or_insert(State::Running);
-                        if holding {
-                            let _ = ptrace::interrupt(new as Pid);
+                        let new = new as Pid;
+                        let thread =
+                            std::path::Path::new(&format!("/proc/{}/task/{new}", self.pid))
+                                .exists();
+                        if !thread && pid_exists(new) {
+                            self.foreign.insert(new);
+                        } else if thread {
+                            self.threads.entry(new).or_insert(State::Running);
+                            if holding {
+                                let _ = ptrace::interrupt(new);
+                            }
                         }
                     }
                     if holding {
@@ -470,6 +503,11 @@ impl Drop for Tracer {
         // SAFETY: closes the signalfd this Tracer owns.
         unsafe { libc::close(self.sigfd) };
     }
+}
+
+/// True if a process or thread `id` exists (in our pid namespace).
+fn pid_exists(id: Pid) -> bool {
+    std::path::Path::new(&format!("/proc/{id}")).exists()
 }
 
 fn gettid() -> Pid {

@@ -188,3 +188,75 @@ fn a_concurrent_snapshot_does_not_reap_a_live_snapshots_clone() {
         zombie_children(t.pid)
     );
 }
+
+fn status_field(pid: i32, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+        .unwrap_or_default()
+}
+
+/// A traced target (`coreflect watch --signal`) starts a child *process* with `clone()`
+/// and an exit signal other than SIGCHLD: `PTRACE_O_TRACECLONE` attaches the tracer to it
+/// as if it were a thread. The watcher kept it traced, stopped it for every dump and wrote
+/// it into the target's core as one more thread (registers and stack of another process).
+/// It must be let go at once and never appear in the target's core.
+#[test]
+fn a_child_process_made_by_clone_is_not_a_thread_of_the_watched_target() {
+    let mut t = Target::spawn(&["--heap-mib", "2", "--seq-pages", "8"]);
+    let mut tracer = Tracer::attach(t.pid, &[libc::SIGTERM]).unwrap();
+    t.send("cloneproc");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let child: i32 = loop {
+        // The target stops at the clone until the tracer handles it.
+        assert_eq!(tracer.next_event(Duration::from_millis(20)).unwrap(), None);
+        if let Some(l) = t.try_line() {
+            if let Some(c) = l.strip_prefix("CLONEPROC child=") {
+                break c.trim().parse().unwrap();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the target never answered cloneproc"
+        );
+    };
+    assert!(child > 0, "clone failed in the target: {child}");
+    while status_field(child, "TracerPid:") != "0" {
+        assert_eq!(tracer.next_event(Duration::from_millis(20)).unwrap(), None);
+        assert!(
+            Instant::now() < deadline,
+            "the child process {child} stays traced by the watcher"
+        );
+    }
+    assert_eq!(
+        tracer.thread_count(),
+        t.threads(),
+        "the tracer counts another process among the target's threads"
+    );
+    let dir = tmpdir("cloneproc");
+    let out = dir.join("held.core");
+    let stopped = tracer.stop_all(Duration::from_secs(30)).unwrap();
+    let rep = dump_held(
+        &stopped,
+        None,
+        &dump_opts(&out, Mode::Suspend),
+        &mut |_, _| true,
+    );
+    tracer.resume_all(Some(stopped)).unwrap();
+    let rep = rep.unwrap();
+    let core = coreflect::elf::reader::CoreFile::open(&rep.path).unwrap();
+    let tids = coreflect::elf::reader::thread_ids(&core.notes().unwrap());
+    assert!(
+        !tids.contains(&child),
+        "the core lists process {child} as a thread of {}: {tids:?}",
+        t.pid
+    );
+    assert_eq!(tids.len(), t.threads(), "{tids:?}");
+    drop(tracer);
+    t.assert_free();
+    let state = status_field(child, "State:");
+    assert!(state.starts_with('S'), "the child process is {state}");
+    // SAFETY: kill has no memory preconditions.
+    unsafe { libc::kill(child, libc::SIGKILL) };
+}
