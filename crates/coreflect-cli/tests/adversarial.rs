@@ -276,3 +276,36 @@ fn info_memory_stays_bounded_on_crafted_cores() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `coreflect info` on a FIFO waited forever in open() for a writer that never comes.
+#[test]
+fn info_refuses_a_fifo_without_waiting() {
+    let dir = tmpdir("fifo");
+    let fifo = dir.join("core.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let mut child = Command::new(exe())
+        .args(["info", fifo.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("coreflect info still waits on a FIFO after 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    let err = text(&o.stderr);
+    assert!(err.contains("not a regular file"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -134,7 +134,13 @@ impl CoreFile {
     /// Opens and parses the headers of a 64-bit little-endian ELF file (or of a zstd frame
     /// holding one).
     pub fn open(path: &Path) -> io::Result<CoreFile> {
-        let file = File::open(path)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below);
+        // reads of a regular file ignore the flag.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)?;
         if !file.metadata()?.is_file() {
             return Err(bad("not a regular file"));
         }
