@@ -852,7 +852,12 @@ fn lock_dir(dir: &Path) -> Option<File> {
 fn handle(a: &HandleArgs) -> i32 {
     let start = Instant::now();
     let comm = a.comm.join(" ");
-    let who = format!("pid {} ({comm}) killed by signal {}", a.pid, a.signal);
+    let who = format!(
+        "pid {} ({}) killed by signal {}",
+        a.pid,
+        crate::report::esc(&comm),
+        a.signal
+    );
     let conf = match Config::load(&a.state_dir) {
         Ok(c) => c,
         Err(e) => {

@@ -309,3 +309,68 @@ fn info_refuses_a_fifo_without_waiting() {
     assert!(err.contains("not a regular file"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// True if `s` holds a control character other than the line ends.
+fn has_controls(s: &str) -> bool {
+    s.chars().any(|c| c.is_control() && c != '\n')
+}
+
+/// A process names itself and its arguments with terminal escape sequences and newlines
+/// (any user can, and root runs `info` on its crash cores): `watch` printed its name raw
+/// and `info` the name and command line, so a core or a target could drive the terminal
+/// (set its title, fake output lines). They are shown escaped now.
+#[test]
+fn names_and_command_lines_with_control_characters_are_printed_escaped() {
+    let dir = tmpdir("controls");
+    let mut child = Command::new("sh")
+        .arg("-c")
+        // Short: the core's command line (pr_psargs) holds 80 bytes.
+        .arg("printf 'x\\033[31mred'>/proc/$$/comm;echo ok;read l")
+        .arg("\x1b]0;P\x07\nfake line")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ok = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut ok,
+    )
+    .unwrap();
+    assert_eq!(ok.trim(), "ok");
+    let pid = child.id().to_string();
+    let o = coreflect(&[
+        "watch",
+        &pid,
+        "--timer",
+        "-n",
+        "1",
+        "-o",
+        dir.to_str().unwrap(),
+    ]);
+    let err = text(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        !has_controls(&err),
+        "watch printed control characters: {err:?}"
+    );
+    assert!(err.contains("(x\\x1b[31mred)"), "{err}");
+    let core = files(&dir).pop().expect("a core from watch");
+    let o = coreflect(&["info", dir.join(core).to_str().unwrap()]);
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        !has_controls(&out),
+        "info printed control characters: {out:?}"
+    );
+    let cmdline: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("command line:"))
+        .collect();
+    assert_eq!(cmdline.len(), 1, "{out}");
+    assert!(cmdline[0].contains("\\x1b]0;P\\x07\\x0afake line"), "{out}");
+    assert!(!out.lines().any(|l| l.starts_with("fake line")), "{out}");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -10,7 +10,7 @@
 pub mod args;
 pub mod probe;
 
-use crate::report::{bytes, json_str, report_json};
+use crate::report::{bytes, esc, json_str, report_json};
 use crate::ModeArg;
 use args::{signal_name, Size, WatchArgs};
 use coreflect::ptrace::WaitStatus;
@@ -267,7 +267,8 @@ impl<'a> Watcher<'a> {
                     )))
                 }
                 _ => {
-                    let list: Vec<String> = m.iter().map(|(p, c)| format!("{p} ({c})")).collect();
+                    let list: Vec<String> =
+                        m.iter().map(|(p, c)| format!("{p} ({})", esc(c))).collect();
                     return Err(End::Failed(format!(
                         "'{}' matches {} processes: {}; give one pid",
                         a.target,
@@ -369,7 +370,7 @@ impl<'a> Watcher<'a> {
         let who: Vec<String> = self
             .watched
             .iter()
-            .map(|w| format!("{} ({})", w.pid, w.comm))
+            .map(|w| format!("{} ({})", w.pid, esc(&w.comm)))
             .collect();
         let pids: Vec<String> = self.watched.iter().map(|w| w.pid.to_string()).collect();
         let msg = format!(
@@ -544,7 +545,7 @@ impl<'a> Watcher<'a> {
                 let w = self.watched.remove(i);
                 if self.watched.len() + 1 > 1 || self.a.pgid {
                     self.out.event(
-                        &format!("pid {} ({}) exited", w.pid, w.comm),
+                        &format!("pid {} ({}) exited", w.pid, esc(&w.comm)),
                         format!("{{\"event\":\"gone\",\"pid\":{}}}", w.pid),
                     );
                 }
@@ -560,8 +561,11 @@ impl<'a> Watcher<'a> {
                 for p in probe::group_members(pgid, &excluded()) {
                     if !self.watched.iter().any(|w| w.pid == p) && self.add(p).is_ok() {
                         let w = self.watched.last().unwrap();
-                        let msg =
-                            format!("pid {} ({}) joined the group: watching it", w.pid, w.comm);
+                        let msg = format!(
+                            "pid {} ({}) joined the group: watching it",
+                            w.pid,
+                            esc(&w.comm)
+                        );
                         let js = format!("{{\"event\":\"joined\",\"pid\":{}}}", w.pid);
                         self.out.event(&msg, js);
                     }
