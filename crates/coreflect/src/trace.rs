@@ -58,6 +58,10 @@ pub struct Tracer {
     /// than SIGCHLD: `PTRACE_O_TRACECLONE` attaches them too. They are detached at their
     /// first stop and never counted as threads of the target.
     foreign: std::collections::HashSet<Pid>,
+    /// Threads held on a watched signal that arrived while every thread was being stopped
+    /// (during another dump): not reported yet, so kept stopped by
+    /// [`Tracer::resume_all`] and reported by the next [`Tracer::next_event`].
+    pending: Vec<Pid>,
     sigfd: libc::c_int,
     /// Signals passed through since the start.
     pub passed: u64,
@@ -126,6 +130,7 @@ impl Tracer {
             threads: HashMap::new(),
             siginfo: HashMap::new(),
             foreign: Default::default(),
+            pending: Vec::new(),
             sigfd,
             passed: 0,
         };
@@ -195,6 +200,11 @@ impl Tracer {
     /// on timeout.
     pub fn next_event(&mut self, timeout: Duration) -> Result<Option<Event>> {
         let deadline = Instant::now() + timeout;
+        while let Some(tid) = self.pending.pop() {
+            if let Some(State::Held(StopKind::Signal(sig))) = self.threads.get(&tid).copied() {
+                return Ok(Some(Event::Signal { tid, sig }));
+            }
+        }
         loop {
             self.drain_sigfd();
             while let Some((tid, st)) = self.wait_any()? {
@@ -227,8 +237,17 @@ impl Tracer {
     fn wait_any(&self) -> Result<Option<(Pid, WaitStatus)>> {
         let mut status = 0;
         loop {
+            // __WNOTHREAD: only this thread's tracees. Without it the wait took the stops
+            // of processes other threads of the caller trace (a Snapshot's tracer thread,
+            // another Tracer), which then waited for them forever.
             // SAFETY: waitpid writes one int.
-            let r = unsafe { libc::waitpid(-1, &mut status, libc::__WALL | libc::WNOHANG) };
+            let r = unsafe {
+                libc::waitpid(
+                    -1,
+                    &mut status,
+                    libc::__WALL | libc::__WNOTHREAD | libc::WNOHANG,
+                )
+            };
             if r > 0 {
                 return Ok(Some((r, decode(status))));
             }
@@ -253,6 +272,14 @@ impl Tracer {
     /// Handles one wait status. With `holding`, every stop is kept (recorded as held),
     /// for [`Tracer::stop_all`]; otherwise only watched signals are.
     fn handle(&mut self, tid: Pid, st: WaitStatus, holding: bool) -> Result<Option<Event>> {
+        if !self.threads.contains_key(&tid)
+            && !matches!(st, WaitStatus::Exited(_) | WaitStatus::Signaled(_))
+            && !std::path::Path::new(&format!("/proc/{}/task/{tid}", self.pid)).exists()
+        {
+            // The first stop of a process auto-attached at a clone() may come before the
+            // clone event itself.
+            self.foreign.insert(tid);
+        }
         if self.foreign.contains(&tid) {
             // Another process: let it go at its first stop (with the signal it was about
             // to get, if any), or forget it once it is gone.
@@ -294,7 +321,7 @@ impl Tracer {
                         let thread =
                             std::path::Path::new(&format!("/proc/{}/task/{new}", self.pid))
                                 .exists();
-                        if !thread && pid_exists(new) {
+                        if !thread && traced_by_us(new) {
                             self.foreign.insert(new);
                         } else if thread {
                             self.threads.entry(new).or_insert(State::Running);
@@ -339,6 +366,11 @@ impl Tracer {
                     self.threads.insert(tid, State::Held(StopKind::Signal(sig)));
                     if !holding {
                         return Ok(Some(Event::Signal { tid, sig }));
+                    }
+                    if watched && !self.pending.contains(&tid) {
+                        // Caught while stopping everyone for a dump: reported afterwards,
+                        // so that it gets its own dump before it is delivered.
+                        self.pending.insert(0, tid);
                     }
                     return Ok(None);
                 }
@@ -428,6 +460,7 @@ impl Tracer {
         let held: Vec<(Pid, StopKind)> = self
             .threads
             .iter()
+            .filter(|(t, _)| !self.pending.contains(t))
             .filter_map(|(&t, s)| match s {
                 State::Held(k) => Some((t, *k)),
                 State::Running => None,
@@ -508,6 +541,11 @@ impl Drop for Tracer {
 /// True if a process or thread `id` exists (in our pid namespace).
 fn pid_exists(id: Pid) -> bool {
     std::path::Path::new(&format!("/proc/{id}")).exists()
+}
+
+/// True if `id` is still traced by this thread (not yet let go).
+fn traced_by_us(id: Pid) -> bool {
+    proc::Status::read(id).is_ok_and(|s| s.tracer_pid == gettid())
 }
 
 fn gettid() -> Pid {

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use coreflect::trace::{dump_held, Tracer};
+use coreflect::trace::{dump_held, Event, Tracer};
 use coreflect::{DumpOptions, Error, Level, Mode, Options};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -259,4 +259,65 @@ fn a_child_process_made_by_clone_is_not_a_thread_of_the_watched_target() {
     assert!(state.starts_with('S'), "the child process is {state}");
     // SAFETY: kill has no memory preconditions.
     unsafe { libc::kill(child, libc::SIGKILL) };
+}
+
+/// `watch --signal SEGV` with another trigger: a watched signal that arrives while the
+/// watcher stops every thread for a dump (a crash during a timer dump) was held by the
+/// stop, then delivered when the target was resumed, without a dump of its own: the crash
+/// dump was lost. It must be reported as the next event, still undelivered.
+#[test]
+fn a_watched_signal_caught_while_stopping_for_another_dump_is_reported() {
+    let t = Target::spawn(&["--heap-mib", "2", "--seq-pages", "8"]);
+    // SIGWINCH: ignored by default, yet shown to a tracer; the target survives it.
+    let mut tracer = Tracer::attach(t.pid, &[libc::SIGWINCH]).unwrap();
+    // SAFETY: kill has no memory preconditions.
+    unsafe { libc::kill(t.pid, libc::SIGWINCH) };
+    // Wait (without collecting it) until a thread sits in its signal-delivery stop.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stopped_thread = || {
+        std::fs::read_dir(format!("/proc/{}/task", t.pid))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .any(|e| {
+                std::fs::read_to_string(e.path().join("stat"))
+                    .is_ok_and(|s| s.rsplit(')').next().unwrap_or("").trim().starts_with('t'))
+            })
+    };
+    while !stopped_thread() {
+        assert!(Instant::now() < deadline, "SIGWINCH never stopped a thread");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // A dump for another trigger: the stop collects the signal's stop.
+    let dir = tmpdir("pending-signal");
+    let stopped = tracer.stop_all(Duration::from_secs(30)).unwrap();
+    let r = dump_held(
+        &stopped,
+        None,
+        &dump_opts(&dir.join("timer.core"), Mode::Suspend),
+        &mut |_, _| true,
+    );
+    tracer.resume_all(Some(stopped)).unwrap();
+    r.unwrap();
+    let mut ev = None;
+    while ev.is_none() && Instant::now() < deadline {
+        ev = tracer.next_event(Duration::from_millis(100)).unwrap();
+    }
+    match ev {
+        Some(Event::Signal { sig, tid }) => {
+            assert_eq!(sig, libc::SIGWINCH);
+            // Its own dump, then delivery.
+            let stopped = tracer.stop_all(Duration::from_secs(30)).unwrap();
+            let r = dump_held(
+                &stopped,
+                Some(tid),
+                &dump_opts(&dir.join("signal.core"), Mode::Suspend),
+                &mut |_, _| true,
+            );
+            tracer.resume_all(Some(stopped)).unwrap();
+            r.unwrap();
+        }
+        other => panic!("the signal that arrived during a dump was not reported: {other:?}"),
+    }
+    drop(tracer);
+    t.assert_free();
 }
