@@ -483,7 +483,7 @@ fn crash_handler_keeps_a_core_of_a_crash_and_uninstall_restores_the_pattern() {
         .count();
     // A real fault (a signal sent with kill() would be taken by Rust's stack-overflow
     // handler, which then lets the process run on).
-    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"segv\n").unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"segv-here\n").unwrap();
     let status = child.wait().unwrap();
     assert_eq!(status.signal(), Some(libc::SIGSEGV));
     assert!(status.core_dumped(), "the kernel reports no core dumped");

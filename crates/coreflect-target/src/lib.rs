@@ -823,9 +823,11 @@ pub fn run(o: TargetOptions) -> ! {
                     println!("FORK us={us}");
                     std::io::stdout().flush().ok();
                 }
-                Ok("segv") => {
-                    // A real crash (for the post-mortem handler's test): a write through a
-                    // null pointer, which the kernel turns into SIGSEGV and a core.
+                Ok("segv-here") => {
+                    // A real crash on this (the main) thread, no thread added (for the
+                    // post-mortem handler's test): a write through a null pointer, which the
+                    // kernel turns into SIGSEGV and a core. (`segv`, a drive command, crashes
+                    // in a new thread inside a named function, for `watch`.)
                     // SAFETY: not safe on purpose: the fault is the point; nothing runs after it.
                     unsafe { std::ptr::write_volatile(std::ptr::null_mut::<u64>(), 1) };
                 }
