@@ -100,6 +100,32 @@ pub struct UninstallArgs {
     state: StateArg,
 }
 
+/// Makes the kernel's command line for `crash-handler handle` safe to parse: the options
+/// the installed pattern may carry (`-c DIR`) come first, then `--` is put before the
+/// positionals if it is missing (patterns installed before it was added), so a command
+/// name (%e, which any process sets with `prctl(PR_SET_NAME)`) such as `--state-dir=/x` or
+/// `--help` is never taken for an option. Other command lines are returned unchanged.
+pub fn guard_handle_args(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    if args.get(1).is_none_or(|a| a != "crash-handler") || args.get(2).is_none_or(|a| a != "handle")
+    {
+        return args;
+    }
+    let mut i = 3;
+    while args.get(i).is_some_and(|a| a == "-c" || a == "--state-dir") {
+        i += 2;
+    }
+    // The kernel's %P is a number: only then is this the kernel's command line (so
+    // `crash-handler handle --help` typed by hand still shows the help).
+    let pid_next = args
+        .get(i)
+        .and_then(|a| a.to_str())
+        .is_some_and(|a| !a.is_empty() && a.bytes().all(|b| b.is_ascii_digit()));
+    if pid_next {
+        args.insert(i, "--".into());
+    }
+    args
+}
+
 /// Arguments of `crash-handler handle` (the kernel passes %P %s %t %e).
 #[derive(Args)]
 pub struct HandleArgs {
@@ -356,7 +382,9 @@ fn install(a: &InstallArgs) -> Result<(), String> {
     if state != Path::new(DEFAULT_STATE_DIR) {
         pattern.push_str(&format!(" -c {}", state.display()));
     }
-    pattern.push_str(" %P %s %t %e");
+    // `--` ends the options: the command name (%e) is chosen by the crashing process and
+    // may look like one (`--state-dir=/x`, `--help`).
+    pattern.push_str(" -- %P %s %t %e");
     if pattern.len() > PATTERN_MAX {
         return Err(format!(
             "the core_pattern would be {} bytes, over the kernel's limit of {PATTERN_MAX}: {pattern:?}; install coreflect at a shorter path (e.g. /usr/bin/coreflect){}",
@@ -823,7 +851,12 @@ fn lock_dir(dir: &Path) -> Option<File> {
 fn handle(a: &HandleArgs) -> i32 {
     let start = Instant::now();
     let comm = a.comm.join(" ");
-    let who = format!("pid {} ({comm}) killed by signal {}", a.pid, a.signal);
+    let who = format!(
+        "pid {} ({}) killed by signal {}",
+        a.pid,
+        crate::report::esc(&comm),
+        a.signal
+    );
     let conf = match Config::load(&a.state_dir) {
         Ok(c) => c,
         Err(e) => {

@@ -1,6 +1,6 @@
 //! `coreflect info`: what a core holds, without a debugger.
 
-use crate::report::{bytes, json_str};
+use crate::report::{bytes, esc, json_str};
 use coreflect::elf::reader::{self, CoreFile, CoreNotes};
 use coreflect::elf::{EM_X86_64, ET_CORE, PT_LOAD};
 use std::io::Write;
@@ -162,7 +162,12 @@ fn text(i: &Info, all: bool) -> String {
     use std::fmt::Write;
     let mut o = String::new();
     let n = &i.notes;
-    let _ = write!(o, "core: {} ({}", i.path.display(), bytes(i.core.len));
+    let _ = write!(
+        o,
+        "core: {} ({}",
+        esc(&i.path.display().to_string()),
+        bytes(i.core.len)
+    );
     if let Some(c) = i.core.compressed_len {
         let _ = write!(o, ", zstd-compressed to {}", bytes(c));
     }
@@ -171,9 +176,14 @@ fn text(i: &Info, all: bool) -> String {
         let _ = writeln!(
             o,
             "process: pid {} ({}), parent {}, uid {}, gid {}, state {}",
-            p.pid, p.fname, p.ppid, p.uid, p.gid, p.state
+            p.pid,
+            esc(&p.fname),
+            p.ppid,
+            p.uid,
+            p.gid,
+            esc(&p.state.to_string())
         );
-        let _ = writeln!(o, "command line: {}", p.psargs);
+        let _ = writeln!(o, "command line: {}", esc(&p.psargs));
     }
     if let Some(s) = n.siginfo_signo {
         let _ = writeln!(o, "signal: {}", signal_name(s));
@@ -188,7 +198,7 @@ fn text(i: &Info, all: bool) -> String {
             t.rsp()
         );
         if let Some(s) = sym {
-            let _ = write!(o, "  {s}");
+            let _ = write!(o, "  {}", esc(s));
         }
         if t.signal != 0 {
             let _ = write!(o, "  signal {}", signal_name(t.signal));
@@ -216,14 +226,16 @@ fn text(i: &Info, all: bool) -> String {
             flags(s.flags),
             bytes(s.dumped),
             bytes(s.end - s.start),
-            s.name
+            esc(&s.name)
         );
     }
     let _ = writeln!(o, "notes: {}", i.note_list.len());
     for (owner, tn, count, size) in note_counts(i) {
         let _ = writeln!(
             o,
-            "  {owner:<10} {tn:<17} x{count:<6} {}",
+            "  {:<10} {:<17} x{count:<6} {}",
+            esc(&owner),
+            esc(&tn),
             bytes(size as u64)
         );
     }
@@ -231,7 +243,7 @@ fn text(i: &Info, all: bool) -> String {
         Some(m) => {
             let _ = writeln!(o, "written by coreflect:");
             for (k, v) in &m.entries {
-                let _ = writeln!(o, "  {k}: {}", v.trim());
+                let _ = writeln!(o, "  {}: {}", esc(k), esc(v.trim()));
             }
         }
         None => {

@@ -405,7 +405,9 @@ fn dump_in_warden(
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(crash_handler::guard_handle_args(
+        std::env::args_os().collect(),
+    ));
     progress::init_log(cli.verbose);
     let code = match &cli.cmd {
         Cmd::Dump(a) => run_dump(a),

@@ -281,6 +281,26 @@ pub fn error(json: bool, err: &coreflect::Error) {
     }
 }
 
+/// `s` with every control character (newline, escape, DEL, C1…) written as `\xNN` or
+/// `\u{N}`: text a target or a core controls (process names, command lines, file names)
+/// stays on its line and cannot drive the terminal.
+pub fn esc(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut o = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            c if (c as u32) < 0x100 && c.is_control() => {
+                o.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c if c.is_control() => o.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(o)
+}
+
 /// A JSON string literal for `s` (quoted and escaped).
 pub fn json_str(s: &str) -> String {
     serde_json::to_string(s).expect("a string serializes")

@@ -12,7 +12,9 @@
 //! `ping` prints `PONG`; `gapreset`/`gap` reset and print (`GAP us=N`) the longest stop
 //! the heartbeat thread (`--heartbeat`) saw, `gaps` every stop of 300 µs or more
 //! (`GAPS start:end,...` in CLOCK_MONOTONIC ns); `fork` times a bare `fork()` (`FORK us=N`);
-//! `vfork MS` starts a thread that waits in `vfork` for MS ms (`VFORK tid=N`).
+//! `vfork MS` starts a thread that waits in `vfork` for MS ms (`VFORK tid=N`);
+//! `cloneproc` starts a child process with `clone()` and exit signal 0
+//! (`CLONEPROC child=N`).
 //! End of stdin also quits.
 
 pub mod drive;
@@ -918,6 +920,12 @@ pub fn run(o: TargetOptions) -> ! {
                     println!("GAPS {}", g.join(","));
                     std::io::stdout().flush().ok();
                 }
+                Ok("cloneproc") => {
+                    // A child *process* made by clone() with exit signal 0 (not SIGCHLD): a
+                    // tracer with PTRACE_O_TRACECLONE is attached to it automatically.
+                    println!("CLONEPROC child={}", clone_process());
+                    std::io::stdout().flush().ok();
+                }
                 Ok("hugewrite") => {
                     // Write every huge page again (a copy-on-write if a clone shares them), then
                     // check the whole range.
@@ -1032,4 +1040,34 @@ pub fn run(o: TargetOptions) -> ! {
         harm::exit_main_thread()
     }
     serve()
+}
+
+/// Starts a child process with `clone(2)` and exit signal 0 (so neither `SIGCHLD` nor a
+/// `wait` without `__WALL` sees it): it waits in `pause()` and dies with its parent.
+/// Returns its pid (or a negative errno).
+pub fn clone_process() -> i64 {
+    extern "C" fn child(_: *mut libc::c_void) -> libc::c_int {
+        // Only async-signal-safe calls: this is a copy of a multi-threaded process.
+        // SAFETY: prctl and pause take no pointers.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            loop {
+                libc::pause();
+            }
+        }
+    }
+    const STACK: usize = 64 << 10;
+    // Leaked: the child runs on it (a copy of it, in its own address space) for good.
+    let stack = Box::leak(vec![0u8; STACK].into_boxed_slice());
+    // SAFETY: the stack is valid, 16-byte aligned at its top, and outlives the call; without
+    // CLONE_VM the child gets its own copy of the address space.
+    let r = unsafe {
+        let top = stack.as_mut_ptr().add(STACK) as usize & !15;
+        libc::clone(child, top as *mut libc::c_void, 0, std::ptr::null_mut())
+    };
+    if r < 0 {
+        -(std::io::Error::last_os_error().raw_os_error().unwrap_or(0) as i64)
+    } else {
+        r as i64
+    }
 }

@@ -235,19 +235,7 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
             opts.snapshot.write_path.as_str()
         ));
     }
-    for u in &stats.unreadable {
-        warnings.push(format!(
-            "{:#x}-{:#x} ({}) could not be read ({}); left as a hole",
-            u.start,
-            u.end,
-            if u.name.is_empty() {
-                "anonymous"
-            } else {
-                &u.name
-            },
-            u.error
-        ));
-    }
+    warnings.extend(unreadable_warnings(&stats));
     let live_bytes = if mode == Mode::Reflect {
         live_bytes(&snap, &segs)
     } else {
@@ -443,4 +431,25 @@ fn live_bytes(snap: &Snapshot, segs: &[crate::elf::writer::SegmentPlan]) -> u64 
         })
         .map(|s| s.filesz)
         .sum()
+}
+
+/// One warning per range the writer could not read (left as a hole in the core).
+pub(crate) fn unreadable_warnings(stats: &crate::elf::writer::WriteStats) -> Vec<String> {
+    stats
+        .unreadable
+        .iter()
+        .map(|u| {
+            format!(
+                "{:#x}-{:#x} ({}) could not be read ({}); left as a hole",
+                u.start,
+                u.end,
+                if u.name.is_empty() {
+                    "anonymous"
+                } else {
+                    &u.name
+                },
+                u.error
+            )
+        })
+        .collect()
 }

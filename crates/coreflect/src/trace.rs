@@ -54,6 +54,14 @@ pub struct Tracer {
     watched: u64,
     threads: HashMap<Pid, State>,
     siginfo: HashMap<Pid, [u8; 128]>,
+    /// Processes (not threads) the target created with `clone()` and an exit signal other
+    /// than SIGCHLD: `PTRACE_O_TRACECLONE` attaches them too. They are detached at their
+    /// first stop and never counted as threads of the target.
+    foreign: std::collections::HashSet<Pid>,
+    /// Threads held on a watched signal that arrived while every thread was being stopped
+    /// (during another dump): not reported yet, so kept stopped by
+    /// [`Tracer::resume_all`] and reported by the next [`Tracer::next_event`].
+    pending: Vec<Pid>,
     /// The signalfd for SIGCHLD (a `File` so that it is closed and read without `unsafe`).
     sigfd: std::fs::File,
     /// Signals passed through since the start.
@@ -125,6 +133,8 @@ impl Tracer {
             watched: watched.iter().fold(0, |m, &s| m | bit(s)),
             threads: HashMap::new(),
             siginfo: HashMap::new(),
+            foreign: Default::default(),
+            pending: Vec::new(),
             sigfd,
             passed: 0,
         };
@@ -194,6 +204,11 @@ impl Tracer {
     /// on timeout.
     pub fn next_event(&mut self, timeout: Duration) -> Result<Option<Event>> {
         let deadline = Instant::now() + timeout;
+        while let Some(tid) = self.pending.pop() {
+            if let Some(State::Held(StopKind::Signal(sig))) = self.threads.get(&tid).copied() {
+                return Ok(Some(Event::Signal { tid, sig }));
+            }
+        }
         loop {
             self.drain_sigfd();
             while let Some((tid, st)) = self.wait_any()? {
@@ -226,8 +241,17 @@ impl Tracer {
     fn wait_any(&self) -> Result<Option<(Pid, WaitStatus)>> {
         let mut status = 0;
         loop {
+            // __WNOTHREAD: only this thread's tracees. Without it the wait took the stops
+            // of processes other threads of the caller trace (a Snapshot's tracer thread,
+            // another Tracer), which then waited for them forever.
             // SAFETY: waitpid writes one int.
-            let r = unsafe { libc::waitpid(-1, &mut status, libc::__WALL | libc::WNOHANG) };
+            let r = unsafe {
+                libc::waitpid(
+                    -1,
+                    &mut status,
+                    libc::__WALL | libc::__WNOTHREAD | libc::WNOHANG,
+                )
+            };
             if r > 0 {
                 return Ok(Some((r, decode(status))));
             }
@@ -252,6 +276,34 @@ impl Tracer {
     /// Handles one wait status. With `holding`, every stop is kept (recorded as held),
     /// for [`Tracer::stop_all`]; otherwise only watched signals are.
     fn handle(&mut self, tid: Pid, st: WaitStatus, holding: bool) -> Result<Option<Event>> {
+        if !self.threads.contains_key(&tid)
+            && !matches!(st, WaitStatus::Exited(_) | WaitStatus::Signaled(_))
+            && !std::path::Path::new(&format!("/proc/{}/task/{tid}", self.pid)).exists()
+        {
+            // The first stop of a process auto-attached at a clone() may come before the
+            // clone event itself.
+            self.foreign.insert(tid);
+        }
+        if self.foreign.contains(&tid) {
+            // Another process: let it go at its first stop (with the signal it was about
+            // to get, if any), or forget it once it is gone.
+            match st {
+                WaitStatus::Exited(_) | WaitStatus::Signaled(_) => {
+                    self.foreign.remove(&tid);
+                }
+                WaitStatus::Stopped { sig, event } => {
+                    let sig = if event == 0 { sig } else { 0 };
+                    if ptrace::detach(tid, sig).is_ok() || !pid_exists(tid) {
+                        self.foreign.remove(&tid);
+                    }
+                }
+                WaitStatus::SyscallStop => {
+                    let _ = ptrace::detach(tid, 0);
+                    self.foreign.remove(&tid);
+                }
+            }
+            return Ok(None);
+        }
         match st {
             WaitStatus::Exited(_) | WaitStatus::Signaled(_) => {
                 self.threads.remove(&tid);
@@ -269,9 +321,17 @@ impl Tracer {
             WaitStatus::Stopped { sig, event } => {
                 if event == ptrace::EVENT_CLONE {
                     if let Ok(new) = ptrace::event_msg(tid) {
-                        self.threads.entry(new as Pid).or_insert(State::Running);
-                        if holding {
-                            let _ = ptrace::interrupt(new as Pid);
+                        let new = new as Pid;
+                        let thread =
+                            std::path::Path::new(&format!("/proc/{}/task/{new}", self.pid))
+                                .exists();
+                        if !thread && traced_by_us(new) {
+                            self.foreign.insert(new);
+                        } else if thread {
+                            self.threads.entry(new).or_insert(State::Running);
+                            if holding {
+                                let _ = ptrace::interrupt(new);
+                            }
                         }
                     }
                     if holding {
@@ -310,6 +370,11 @@ impl Tracer {
                     self.threads.insert(tid, State::Held(StopKind::Signal(sig)));
                     if !holding {
                         return Ok(Some(Event::Signal { tid, sig }));
+                    }
+                    if watched && !self.pending.contains(&tid) {
+                        // Caught while stopping everyone for a dump: reported afterwards,
+                        // so that it gets its own dump before it is delivered.
+                        self.pending.insert(0, tid);
                     }
                     return Ok(None);
                 }
@@ -399,6 +464,7 @@ impl Tracer {
         let held: Vec<(Pid, StopKind)> = self
             .threads
             .iter()
+            .filter(|(t, _)| !self.pending.contains(t))
             .filter_map(|(&t, s)| match s {
                 State::Held(k) => Some((t, *k)),
                 State::Running => None,
@@ -475,6 +541,16 @@ impl Drop for Tracer {
     }
 }
 
+/// True if a process or thread `id` exists (in our pid namespace).
+fn pid_exists(id: Pid) -> bool {
+    std::path::Path::new(&format!("/proc/{id}")).exists()
+}
+
+/// True if `id` is still traced by this thread (not yet let go).
+fn traced_by_us(id: Pid) -> bool {
+    proc::Status::read(id).is_ok_and(|s| s.tracer_pid == gettid())
+}
+
 fn gettid() -> Pid {
     // SAFETY: gettid has no arguments and cannot fail.
     unsafe { libc::syscall(libc::SYS_gettid) as Pid }
@@ -545,6 +621,11 @@ pub fn dump_held(
         duration_ms: t0.elapsed().as_millis() as u64,
         level: opts.level,
         compressed_size: None,
-        warnings: snap.warnings().to_vec(),
+        warnings: snap
+            .warnings()
+            .iter()
+            .cloned()
+            .chain(crate::dump::unreadable_warnings(&stats))
+            .collect(),
     })
 }

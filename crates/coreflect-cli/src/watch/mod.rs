@@ -10,7 +10,7 @@
 pub mod args;
 pub mod probe;
 
-use crate::report::{bytes, json_str, report_json};
+use crate::report::{bytes, esc, json_str, report_json};
 use crate::ModeArg;
 use args::{signal_name, Size, WatchArgs};
 use coreflect::ptrace::WaitStatus;
@@ -269,7 +269,8 @@ impl<'a> Watcher<'a> {
                     )))
                 }
                 _ => {
-                    let list: Vec<String> = m.iter().map(|(p, c)| format!("{p} ({c})")).collect();
+                    let list: Vec<String> =
+                        m.iter().map(|(p, c)| format!("{p} ({})", esc(c))).collect();
                     return Err(End::Failed(format!(
                         "'{}' matches {} processes: {}; give one pid",
                         a.target,
@@ -282,7 +283,7 @@ impl<'a> Watcher<'a> {
     }
 
     fn add(&mut self, pid: Pid) -> Result<(), String> {
-        let info = coreflect::snapshot::preflight(pid).map_err(|e| e.to_string())?;
+        let info = coreflect::snapshot::preflight(pid).map_err(|e| e.with_causes())?;
         let mut cpus = None;
         let mut mem_limit = None;
         if self.a.cgroup {
@@ -371,7 +372,7 @@ impl<'a> Watcher<'a> {
         let who: Vec<String> = self
             .watched
             .iter()
-            .map(|w| format!("{} ({})", w.pid, w.comm))
+            .map(|w| format!("{} ({})", w.pid, esc(&w.comm)))
             .collect();
         let pids: Vec<String> = self.watched.iter().map(|w| w.pid.to_string()).collect();
         let msg = format!(
@@ -511,11 +512,11 @@ impl<'a> Watcher<'a> {
             Err(Error::Cancelled) => {}
             Err(e @ Error::PauseTooLong { .. }) => self.skip(pid, trigger, &e.to_string()),
             Err(e) => self.out.event(
-                &format!("[{trigger}] dump of pid {pid} failed: {e}"),
+                &format!("[{trigger}] dump of pid {pid} failed: {}", e.with_causes()),
                 format!(
                     "{{\"event\":\"error\",\"pid\":{pid},\"trigger\":{},\"message\":{}}}",
                     json_str(trigger),
-                    json_str(&e.to_string())
+                    json_str(&e.with_causes())
                 ),
             ),
         }
@@ -546,7 +547,7 @@ impl<'a> Watcher<'a> {
                 let w = self.watched.remove(i);
                 if self.watched.len() + 1 > 1 || self.a.pgid {
                     self.out.event(
-                        &format!("pid {} ({}) exited", w.pid, w.comm),
+                        &format!("pid {} ({}) exited", w.pid, esc(&w.comm)),
                         format!("{{\"event\":\"gone\",\"pid\":{}}}", w.pid),
                     );
                 }
@@ -562,8 +563,11 @@ impl<'a> Watcher<'a> {
                 for p in probe::group_members(pgid, &excluded()) {
                     if !self.watched.iter().any(|w| w.pid == p) && self.add(p).is_ok() {
                         let w = self.watched.last().unwrap();
-                        let msg =
-                            format!("pid {} ({}) joined the group: watching it", w.pid, w.comm);
+                        let msg = format!(
+                            "pid {} ({}) joined the group: watching it",
+                            w.pid,
+                            esc(&w.comm)
+                        );
                         let js = format!("{{\"event\":\"joined\",\"pid\":{}}}", w.pid);
                         self.out.event(&msg, js);
                     }
@@ -669,7 +673,7 @@ impl<'a> Watcher<'a> {
         let comm = self.watched[0].comm.clone();
         let mut tracer = match Tracer::attach(pid, &self.a.signal) {
             Ok(t) => t,
-            Err(e) => return End::Failed(e.to_string()),
+            Err(e) => return End::Failed(e.with_causes()),
         };
         self.announce();
         let mut next_poll = Instant::now();
@@ -710,7 +714,7 @@ impl<'a> Watcher<'a> {
                         fired.push((Some(tid), "signal".into()));
                     }
                     Ok(Some(Event::Exited(st))) => break End::TargetExited(exit_text(st)),
-                    Err(e) => break End::Failed(e.to_string()),
+                    Err(e) => break End::Failed(e.with_causes()),
                 }
             }
             for (tid, trigger) in fired {
@@ -746,7 +750,10 @@ impl<'a> Watcher<'a> {
                 if let Err(e) = resumed {
                     return self.end_traced(
                         tracer,
-                        End::Failed(format!("resuming the target after the dump: {e}")),
+                        End::Failed(format!(
+                            "resuming the target after the dump: {}",
+                            e.with_causes()
+                        )),
                     );
                 }
             }
@@ -763,10 +770,10 @@ impl<'a> Watcher<'a> {
         match r {
             Err(e) if !matches!(end, End::TargetExited(_)) => {
                 self.out.event(
-                    &format!("detaching from the target: {e}"),
+                    &format!("detaching from the target: {}", e.with_causes()),
                     format!(
                         "{{\"event\":\"error\",\"message\":{}}}",
-                        json_str(&format!("detaching from the target: {e}"))
+                        json_str(&format!("detaching from the target: {}", e.with_causes()))
                     ),
                 );
                 end

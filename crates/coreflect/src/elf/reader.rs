@@ -99,8 +99,17 @@ impl Backing {
 /// The zstd frame magic number.
 pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
-/// The largest notes segment accepted (a kernel core of 10,000 threads has ~35 MiB).
-const MAX_NOTES: u64 = 1 << 30;
+/// The most note bytes accepted, all notes segments together (a kernel core of 10,000
+/// threads has ~35 MiB): a crafted core's notes (overlapping segments, empty notes of 12
+/// bytes each) must not make the reader's memory unbounded.
+const MAX_NOTES: u64 = 256 << 20;
+
+/// The most notes accepted (a real core has a handful per thread).
+const MAX_NOTE_COUNT: usize = 1 << 20;
+
+/// The most program headers accepted: ~4 times the largest `vm.max_map_count` seen in
+/// practice. A crafted `PN_XNUM` count must not make the reader allocate gigabytes.
+const MAX_PHNUM: u64 = 1 << 21;
 
 fn bad(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
@@ -125,7 +134,13 @@ impl CoreFile {
     /// Opens and parses the headers of a 64-bit little-endian ELF file (or of a zstd frame
     /// holding one).
     pub fn open(path: &Path) -> io::Result<CoreFile> {
-        let file = File::open(path)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below);
+        // reads of a regular file ignore the flag.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)?;
         if !file.metadata()?.is_file() {
             return Err(bad("not a regular file"));
         }
@@ -164,6 +179,11 @@ impl CoreFile {
             }
             data.read_exact_at(&mut sh, shoff)?;
             phnum = u32at(&sh, 44) as u64;
+        }
+        if phnum > MAX_PHNUM {
+            return Err(bad(&format!(
+                "{phnum} program headers, more than the {MAX_PHNUM} a core can have"
+            )));
         }
         let phsize = phnum * PHDR_SIZE as u64;
         if past(phoff, phsize, len) {
@@ -339,9 +359,14 @@ impl CoreFile {
     /// Every note of every `PT_NOTE`, in order.
     pub fn notes(&self) -> io::Result<Vec<Note>> {
         let mut out = Vec::new();
+        let mut total = 0u64;
         for p in self.phdrs.iter().filter(|p| p.p_type == PT_NOTE) {
-            if p.filesz > MAX_NOTES {
-                return Err(bad("notes segment too large"));
+            total = total.saturating_add(p.filesz);
+            if total > MAX_NOTES {
+                return Err(bad(&format!(
+                    "notes segments too large (over {} MiB in all)",
+                    MAX_NOTES >> 20
+                )));
             }
             if past(p.offset, p.filesz, self.len) {
                 return Err(bad("truncated: the file ends inside the notes"));
@@ -362,6 +387,11 @@ impl CoreFile {
                 let name = String::from_utf8_lossy(&b[name_at..name_at + namesz])
                     .trim_end_matches('\0')
                     .to_string();
+                if out.len() >= MAX_NOTE_COUNT {
+                    return Err(bad(&format!(
+                        "more than {MAX_NOTE_COUNT} notes: not a core this reader accepts"
+                    )));
+                }
                 out.push(Note {
                     name,
                     ntype,

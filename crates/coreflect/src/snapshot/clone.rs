@@ -75,6 +75,10 @@ impl Drop for CloneGuard {
 /// with exit signal 0 (`PTRACE_EVENT_CLONE`), invisible to the target's own `wait`.
 /// Returns their pids in the target's pid namespace. A coreflect clone exits with status
 /// [`CLONE_EXIT_CODE`] (or is killed by SIGKILL when its tracer died).
+///
+/// A zombie still traced belongs to a snapshot that is alive (another coreflect, or another
+/// snapshot in this process, between killing its clone and reaping it): it is not a
+/// leftover — that snapshot reaps it, and nobody else can before its tracer lets go.
 pub fn leftover_clones(pid: Pid) -> Vec<Pid> {
     proc::children(pid)
         .into_iter()
@@ -86,7 +90,7 @@ pub fn leftover_clones(pid: Pid) -> Vec<Pid> {
             })
         })
         .filter_map(|c| match proc::Status::read(c) {
-            Ok(st) if st.ns_pid > 0 => Some(st.ns_pid),
+            Ok(st) if st.ns_pid > 0 && st.tracer_pid == 0 => Some(st.ns_pid),
             _ => None,
         })
         .collect()

@@ -312,8 +312,22 @@ impl Snapshot {
 
     /// Fails if the clone died while the core was being written (the OOM killer picks it
     /// first, by design): its memory could not all be read, so the core is not complete.
+    ///
+    /// Without a clone (suspend mode, or a process held by a tracer) the image is the
+    /// target itself, held in trace stops that only SIGKILL ends: if none of its captured
+    /// threads is still stopped, it was killed while being read, and the rest of its memory
+    /// was read back as holes — fail rather than keep a core that looks complete.
     pub fn check_image_alive(&self) -> Result<()> {
-        let Some(c) = &self.clone else { return Ok(()) };
+        let Some(c) = &self.clone else {
+            let held = self.threads.iter().any(|t| {
+                proc::Status::read_thread(self.pid, t.tid)
+                    .is_ok_and(|s| matches!(s.state, 't' | 'T'))
+            });
+            if held || self.threads.is_empty() {
+                return Ok(());
+            }
+            return Err(Error::ProcessExited { pid: self.pid });
+        };
         match proc::Stat::read(c.clone) {
             Ok(st) if matches!(st.state, 't' | 'T') => Ok(()),
             _ => Err(Error::io(

@@ -117,6 +117,7 @@ fn prepare(pid: Pid, opts: &Options) -> Result<Prepared> {
         let z = leftover_clones(pid);
         if !z.is_empty() {
             match inject::reap_in_target(pid, &z, insn, extra_opts, opts.stop_timeout) {
+                Ok(0) => {}
                 Ok(n) => warnings.push(format!(
                     "reaped {n} leftover clone zombie(s) of an earlier interrupted dump"
                 )),

@@ -113,6 +113,16 @@ impl Target {
         matches!(self.lines.recv_timeout(Duration::from_secs(10)), Ok(l) if l.starts_with("PONG"))
     }
 
+    /// Sends one command line without waiting for its answer (see [`Target::try_line`]).
+    pub fn send(&mut self, cmd: &str) {
+        writeln!(self.stdin.as_mut().expect("stdin"), "{cmd}").expect("write a command");
+    }
+
+    /// The next line the target printed, if one is there.
+    pub fn try_line(&mut self) -> Option<String> {
+        self.lines.try_recv().ok()
+    }
+
     /// Asks it to quit and returns its counters.
     pub fn quit(mut self) -> HashMap<String, u64> {
         let mut i = self.stdin.take().unwrap();
