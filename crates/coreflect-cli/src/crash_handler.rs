@@ -614,32 +614,11 @@ fn space(f: &File) -> Option<(u64, u64)> {
 
 /// `<comm>_<yymmdd_HHMMSS>.<pid>.core` with the crash time in local time.
 pub fn dump_name(comm: &str, pid: i64, time: i64) -> String {
-    let t = time as libc::time_t;
-    // SAFETY: tm is integers and a nullable pointer: all zeros is a valid value.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    // SAFETY: localtime_r reads `t` and fills the valid, exclusively borrowed `tm`.
-    unsafe { libc::localtime_r(&t, &mut tm) };
-    // A leading '-' or '.' would make an option-like or hidden file name.
-    let safe: String = comm
-        .chars()
-        .enumerate()
-        .map(|(i, c)| {
-            if c.is_ascii_alphanumeric() || c == '_' || (i > 0 && "-.".contains(c)) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    use coreflect::output::{file_safe_comm, local_stamp};
     format!(
-        "{}_{:02}{:02}{:02}_{:02}{:02}{:02}.{}.core",
-        if safe.is_empty() { "process" } else { &safe },
-        tm.tm_year % 100,
-        tm.tm_mon + 1,
-        tm.tm_mday,
-        tm.tm_hour,
-        tm.tm_min,
-        tm.tm_sec,
+        "{}_{}.{}.core",
+        file_safe_comm(comm),
+        local_stamp(time),
         pid
     )
 }

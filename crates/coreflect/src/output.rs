@@ -396,35 +396,62 @@ impl Drop for OutputFile {
     }
 }
 
-/// The default file name: `<comm>_<yymmdd_HHMMSS>.<pid>.core` (local time).
-pub fn default_name(comm: &str, pid: i32) -> String {
-    // SAFETY: time() accepts a null pointer (it then writes nothing).
-    let t = unsafe { libc::time(std::ptr::null_mut()) };
-    // SAFETY: `libc::tm` is integers and a `*const c_char` (tm_zone): all-zero bytes are a valid
-    // value (a null pointer); localtime_r fills it.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    // SAFETY: localtime_r reads `t` and writes one `tm` to `tm`, both live locals; it is the
-    // reentrant variant (no shared static buffer).
-    unsafe { libc::localtime_r(&t, &mut tm) };
+/// A command name made safe for a file name: ASCII letters, digits and `_` kept, `-` and
+/// `.` kept except first (no option-like or hidden name), anything else `_`; `process` if
+/// empty.
+pub fn file_safe_comm(comm: &str) -> String {
     let safe: String = comm
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+        .enumerate()
+        .map(|(i, c)| {
+            if c.is_ascii_alphanumeric() || c == '_' || (i > 0 && "-.".contains(c)) {
                 c
             } else {
                 '_'
             }
         })
         .collect();
+    if safe.is_empty() {
+        "process".into()
+    } else {
+        safe
+    }
+}
+
+/// `time` (seconds since the epoch) in local time as `yymmdd_HHMMSS`.
+pub fn local_stamp(time: i64) -> String {
+    let t = time as libc::time_t;
+    // SAFETY: `libc::tm` is integers and a `*const c_char` (tm_zone): all-zero bytes are a valid
+    // value (a null pointer); localtime_r fills it.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: localtime_r reads `t` and writes one `tm` to `tm`, both live locals; it is the
+    // reentrant variant (no shared static buffer).
+    unsafe { libc::localtime_r(&t, &mut tm) };
     format!(
-        "{}_{:02}{:02}{:02}_{:02}{:02}{:02}.{}.core",
-        if safe.is_empty() { "process" } else { &safe },
+        "{:02}{:02}{:02}_{:02}{:02}{:02}",
         tm.tm_year % 100,
         tm.tm_mon + 1,
         tm.tm_mday,
         tm.tm_hour,
         tm.tm_min,
-        tm.tm_sec,
+        tm.tm_sec
+    )
+}
+
+/// Now, in seconds since the epoch.
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The default file name: `<comm>_<yymmdd_HHMMSS>.<pid>.core` (local time, the name made
+/// safe by [`file_safe_comm`]).
+pub fn default_name(comm: &str, pid: i32) -> String {
+    format!(
+        "{}_{}.{}.core",
+        file_safe_comm(comm),
+        local_stamp(now_secs()),
         pid
     )
 }

@@ -349,33 +349,12 @@ pub fn group_members(pgid: Pid, exclude: &[Pid]) -> Vec<Pid> {
 /// `<comm>_<trigger>_<yymmdd_HHMMSS>.<pid>` (local time), the comm made safe for a file
 /// name.
 pub fn base_name(comm: &str, trigger: &str, pid: Pid) -> String {
-    // SAFETY: time(NULL) and localtime_r into a zeroed local struct tm.
-    let tm = unsafe {
-        let t = libc::time(std::ptr::null_mut());
-        let mut tm: libc::tm = std::mem::zeroed();
-        libc::localtime_r(&t, &mut tm);
-        tm
-    };
-    let safe: String = comm
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    use coreflect::output::{file_safe_comm, local_stamp, now_secs};
     format!(
-        "{}_{}_{:02}{:02}{:02}_{:02}{:02}{:02}.{}",
-        if safe.is_empty() { "process" } else { &safe },
+        "{}_{}_{}.{}",
+        file_safe_comm(comm),
         trigger,
-        tm.tm_year % 100,
-        tm.tm_mon + 1,
-        tm.tm_mday,
-        tm.tm_hour,
-        tm.tm_min,
-        tm.tm_sec,
+        local_stamp(now_secs()),
         pid
     )
 }
