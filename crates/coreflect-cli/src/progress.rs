@@ -98,7 +98,9 @@ impl Bar {
         }
         let now = Instant::now();
         let start = *self.start.get_or_insert(now);
-        if now - start < delay() || self.last.is_some_and(|l| now - l < REDRAW) {
+        // Redraws are throttled, except the last one (a fast write still ends on a full bar).
+        let throttled = self.last.is_some_and(|l| now - l < REDRAW) && done < total;
+        if now - start < delay() || throttled {
             return true;
         }
         self.last = Some(now);
