@@ -349,10 +349,12 @@ fn threshold_triggers_fire_on_their_condition() {
         assert_name(&path, "coreflect", name, t.pid);
         assert_opens(&path);
     }
-    // Idle again: CPU below 50 % of a core for the sustain time.
+    // Idle again: CPU below 150 % (one and a half cores) for the sustain time. (The target's
+    // own busy-loop thread takes anywhere from a little to a whole core depending on the
+    // machine's load, so a threshold under one core would depend on the load.)
     t.cmd("calm", Some("CALM"));
     let mut w = Watch::start(
-        &[&pid, "--cpu-below", "50"]
+        &[&pid, "--cpu-below", "150"]
             .iter()
             .chain(base.iter())
             .copied()
