@@ -623,6 +623,29 @@ pub fn dump_name(comm: &str, pid: i64, time: i64) -> String {
     )
 }
 
+/// Gives up when the filesystem holding `f` has fallen to the free-space `floor`.
+fn above_floor(f: &File, floor: u64) -> Result<(), GiveUp> {
+    match space(f) {
+        Some((free, _)) if free < floor => Err(GiveUp(format!(
+            "the filesystem's free space fell to the floor ({} free, floor {})",
+            crate::report::bytes(free),
+            crate::report::bytes(floor)
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Gives up once `deadline` has passed (`read` bytes of the core read so far).
+fn within_time(deadline: Instant, read: u64) -> Result<(), GiveUp> {
+    if Instant::now() > deadline {
+        return Err(GiveUp(format!(
+            "it took longer than the time limit ({} read)",
+            crate::report::bytes(read)
+        )));
+    }
+    Ok(())
+}
+
 /// One log line: to the kernel log (`/dev/kmsg`, where the journal picks it up) and stderr
 /// (which is /dev/null when the kernel runs us).
 fn log(line: &str) {
@@ -700,22 +723,9 @@ fn copy_sparse(
         off += n as u64;
         if data >= next_check {
             next_check = data + 32 * CHUNK as u64;
-            if let Some((free, _)) = space(f) {
-                if free < floor {
-                    return Err(GiveUp(format!(
-                        "the filesystem's free space fell to the floor ({} free, floor {})",
-                        crate::report::bytes(free),
-                        crate::report::bytes(floor)
-                    )));
-                }
-            }
+            above_floor(f, floor)?;
         }
-        if Instant::now() > deadline {
-            return Err(GiveUp(format!(
-                "it took longer than the time limit ({} read)",
-                crate::report::bytes(off)
-            )));
-        }
+        within_time(deadline, off)?;
     }
     f.set_len(off)
         .map_err(|e| GiveUp(format!("setting the file's length: {e}")))?;
@@ -777,21 +787,8 @@ fn copy_zstd(
         }
         if read >= next_check {
             next_check = read + 32 * CHUNK as u64;
-            if let Some((free, _)) = space(f) {
-                if free < floor {
-                    return Err(GiveUp(format!(
-                        "the filesystem's free space fell to the floor ({} free, floor {})",
-                        crate::report::bytes(free),
-                        crate::report::bytes(floor)
-                    )));
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(GiveUp(format!(
-                    "it took longer than the time limit ({} read)",
-                    crate::report::bytes(read)
-                )));
-            }
+            above_floor(f, floor)?;
+            within_time(deadline, read)?;
         }
     }
     let out = enc.finish().map_err(zerr)?;
