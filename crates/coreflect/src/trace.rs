@@ -1,16 +1,43 @@
 //! Staying a process's tracer while it runs, to intercept signals (`coreflect watch
 //! --signal`): every thread is seized without being interrupted, new threads are followed
 //! (`PTRACE_O_TRACECLONE`), signal-delivery stops of the watched signals are reported to
-//! the caller and every other signal is passed through at once. The caller can stop the
-//! whole process at any time ([`Tracer::stop_all`]), dump it with the same tracer
-//! ([`dump_held`]) and let it go on ([`Tracer::resume_all`]), delivering the intercepted
-//! signal unchanged.
+//! the caller ([`Event`]) and every other signal is passed through at once. The caller can
+//! stop the whole process at any time ([`Tracer::stop_all`], which returns a [`Held`]
+//! handle), dump it with the same tracer ([`dump_held`]) and let it go on
+//! ([`Tracer::resume_all`]), delivering the intercepted signal unchanged.
+//!
+//! ```no_run
+//! use coreflect::trace::{dump_held, Event, Tracer};
+//! use coreflect::DumpOptions;
+//! use std::time::Duration;
+//!
+//! # fn main() -> coreflect::Result<()> {
+//! let mut tracer = Tracer::attach(1234, &[libc::SIGSEGV])?;
+//! loop {
+//!     match tracer.next_event(Duration::from_millis(100))? {
+//!         Some(Event::Signal { tid, .. }) => {
+//!             // The crashing thread is held on its signal: dump the whole process while
+//!             // every thread is stopped, then let the signal be delivered.
+//!             let held = tracer.stop_all(Duration::from_secs(2))?;
+//!             let opts = DumpOptions { output: "/tmp/crash.core".into(), ..Default::default() };
+//!             let report = dump_held(&held, Some(tid), &opts, &mut |_, _| true);
+//!             tracer.resume_all()?;
+//!             println!("{} bytes written", report?.bytes_written);
+//!         }
+//!         Some(Event::Exited(how)) => break println!("the target is gone: {how:?}"),
+//!         _ => {}
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
 //!
 //! A [`Tracer`] detaches from every thread when dropped: running threads are interrupted
 //! first (a tracee can only be detached while stopped), and a thread stopped on a signal is
 //! detached with that signal, so nothing is lost and no thread is left stopped.
 //!
-//! Every ptrace request must come from the thread that created the `Tracer`.
+//! Every ptrace request must come from the thread that created the `Tracer`. It only ever
+//! waits for the threads it traces (by thread id), never for any child: other children of
+//! the calling thread (a process it spawned) keep their exit status for their own waiter.
 
 use crate::dump::{DumpOptions, DumpReport};
 use crate::elf::writer::Progress;
@@ -21,6 +48,8 @@ use crate::ptrace::{self, WaitStatus};
 use crate::snapshot::Snapshot;
 use crate::stop::{StopKind, StoppedProcess, Tracee};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The state of one traced thread.
@@ -33,6 +62,7 @@ enum State {
 
 /// What [`Tracer::next_event`] reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     /// Thread `tid` is about to receive the watched signal `sig`; it stays stopped until
     /// [`Tracer::resume_all`] (which delivers the signal) or [`Tracer::deliver`].
@@ -42,9 +72,20 @@ pub enum Event {
         /// The signal.
         sig: i32,
     },
-    /// The process is gone: its main thread's last wait status (`Exited(code)` or
-    /// `Signaled(sig)`).
-    Exited(WaitStatus),
+    /// The process is gone; the tracer traces nothing any more.
+    Exited(Exit),
+}
+
+/// How a traced process ended (its last thread's wait status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Exit {
+    /// It exited with this status (`exit(code)`, the low 8 bits).
+    Code(i32),
+    /// It was killed by this signal.
+    Signal(i32),
+    /// It is gone, but its status could not be collected (another waiter took it).
+    Unknown,
 }
 
 /// A process traced by the calling thread, all of its threads followed.
@@ -62,10 +103,73 @@ pub struct Tracer {
     /// (during another dump): not reported yet, so kept stopped by
     /// [`Tracer::resume_all`] and reported by the next [`Tracer::next_event`].
     pending: Vec<Pid>,
+    /// How many times held threads were let go (see [`Held::is_current`]).
+    resumes: Arc<AtomicU64>,
+    /// Wait statuses collected (reaped) but not handled yet, oldest first.
+    ready: std::collections::VecDeque<(Pid, Waited)>,
     /// The signalfd for SIGCHLD (a `File` so that it is closed and read without `unsafe`).
     sigfd: std::fs::File,
     /// Signals passed through since the start.
     pub passed: u64,
+}
+
+/// Every thread of a traced process, held stopped by [`Tracer::stop_all`]: pass it to
+/// [`dump_held`] to dump the process, then let the threads go with
+/// [`Tracer::resume_all`]. The threads stay held by the tracer, not by this handle:
+/// dropping it releases nothing.
+///
+/// A handle is valid until the tracer lets any thread run again ([`Tracer::resume_all`],
+/// [`Tracer::deliver`], [`Tracer::detach_all`]); [`dump_held`] panics on a stale one.
+#[derive(Debug)]
+pub struct Held {
+    /// Always `Some` until drop, which takes it to give the threads back without releasing
+    /// them (the tracer keeps them held).
+    stopped: Option<StoppedProcess>,
+    /// The tracer's resume count when the threads were stopped.
+    epoch: u64,
+    /// The tracer's resume count now.
+    resumes: Arc<AtomicU64>,
+}
+
+impl Held {
+    /// The traced process.
+    pub fn pid(&self) -> Pid {
+        self.stopped().pid()
+    }
+
+    /// The threads held, main thread first.
+    pub fn threads(&self) -> Vec<Pid> {
+        self.stopped().tracees().iter().map(|t| t.tid).collect()
+    }
+
+    /// The signal thread `tid` is held on (about to receive), if any: it is delivered when
+    /// the tracer resumes the thread.
+    pub fn signal(&self, tid: Pid) -> Option<i32> {
+        match self.stopped().tracee(tid)?.kind {
+            StopKind::Signal(sig) => Some(sig),
+            _ => None,
+        }
+    }
+
+    /// True while every thread is still held as [`Tracer::stop_all`] left it.
+    pub fn is_current(&self) -> bool {
+        self.resumes.load(Ordering::SeqCst) == self.epoch
+    }
+
+    fn stopped(&self) -> &StoppedProcess {
+        self.stopped
+            .as_ref()
+            .expect("a Held handle keeps its threads until dropped")
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(s) = self.stopped.take() {
+            // The tracer keeps the threads: nothing is detached or resumed.
+            let _ = s.into_tracees();
+        }
+    }
 }
 
 fn bit(sig: i32) -> u64 {
@@ -135,6 +239,8 @@ impl Tracer {
             siginfo: HashMap::new(),
             foreign: Default::default(),
             pending: Vec::new(),
+            ready: Default::default(),
+            resumes: Default::default(),
             sigfd,
             passed: 0,
         };
@@ -237,53 +343,55 @@ impl Tracer {
         while matches!(std::io::Read::read(&mut &self.sigfd, &mut buf), Ok(n) if n > 0) {}
     }
 
-    /// One pending wait status of any of our tracees, without blocking.
-    fn wait_any(&self) -> Result<Option<(Pid, WaitStatus)>> {
-        let mut status = 0;
-        loop {
-            // __WNOTHREAD: only this thread's tracees. Without it the wait took the stops
-            // of processes other threads of the caller trace (a Snapshot's tracer thread,
-            // another Tracer), which then waited for them forever.
-            // SAFETY: waitpid writes one int.
-            let r = unsafe {
-                libc::waitpid(
-                    -1,
-                    &mut status,
-                    libc::__WALL | libc::__WNOTHREAD | libc::WNOHANG,
-                )
-            };
-            if r > 0 {
-                return Ok(Some((r, decode(status))));
-            }
-            if r == 0 {
-                return Ok(None);
-            }
-            let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::ECHILD) => return Ok(None),
-                _ => {
-                    return Err(Error::Ptrace {
-                        op: "waitpid",
-                        tid: -1,
-                        source: e,
-                    })
+    /// One pending wait status of one of our tracees, without blocking.
+    ///
+    /// Waits for each traced thread (and each foreign process not yet let go) by its id,
+    /// never with `waitpid(-1)`: that took the exit status of any child of the calling
+    /// thread (a process it spawned, which its own `wait` then never saw). `__WNOTHREAD`:
+    /// only this thread's tracees, never those of another thread of the caller (a
+    /// `Snapshot`'s tracer thread, another `Tracer`).
+    ///
+    /// One sweep collects every id's pending status into a queue, so that a thread that
+    /// stops again at once cannot starve the others.
+    fn wait_any(&mut self) -> Result<Option<(Pid, Waited)>> {
+        if self.ready.is_empty() {
+            let ids: Vec<Pid> = self
+                .threads
+                .keys()
+                .chain(self.foreign.iter())
+                .copied()
+                .collect();
+            for tid in ids {
+                if let Some(st) = wait_one(tid)? {
+                    self.ready.push_back((tid, st));
                 }
             }
         }
+        Ok(self.ready.pop_front())
     }
 
     /// Handles one wait status. With `holding`, every stop is kept (recorded as held),
     /// for [`Tracer::stop_all`]; otherwise only watched signals are.
-    fn handle(&mut self, tid: Pid, st: WaitStatus, holding: bool) -> Result<Option<Event>> {
-        if !self.threads.contains_key(&tid)
-            && !matches!(st, WaitStatus::Exited(_) | WaitStatus::Signaled(_))
-            && !std::path::Path::new(&format!("/proc/{}/task/{tid}", self.pid)).exists()
-        {
-            // The first stop of a process auto-attached at a clone() may come before the
-            // clone event itself.
-            self.foreign.insert(tid);
-        }
+    fn handle(&mut self, tid: Pid, st: Waited, holding: bool) -> Result<Option<Event>> {
+        let st = match st {
+            Waited::Status(st) => st,
+            Waited::Lost => {
+                // No longer ours and nothing to collect: the old id of a thread that
+                // exec'd, or a status someone else took.
+                self.foreign.remove(&tid);
+                if self.threads.remove(&tid).is_some() {
+                    self.siginfo.remove(&tid);
+                    self.pending.retain(|&p| p != tid);
+                    if (tid == self.pid && !pid_exists(self.pid)) || self.threads.is_empty() {
+                        self.threads.clear();
+                        // Statuses of foreign processes stay queued: they are still let go.
+                        self.ready.retain(|(t, _)| self.foreign.contains(t));
+                        return Ok(Some(Event::Exited(Exit::Unknown)));
+                    }
+                }
+                return Ok(None);
+            }
+        };
         if self.foreign.contains(&tid) {
             // Another process: let it go at its first stop (with the signal it was about
             // to get, if any), or forget it once it is gone.
@@ -310,7 +418,13 @@ impl Tracer {
                 self.siginfo.remove(&tid);
                 if tid == self.pid || self.threads.is_empty() {
                     self.threads.clear();
-                    return Ok(Some(Event::Exited(st)));
+                    // Statuses of foreign processes stay queued: they are still let go.
+                    self.ready.retain(|(t, _)| self.foreign.contains(t));
+                    return Ok(Some(Event::Exited(match st {
+                        WaitStatus::Signaled(sig) => Exit::Signal(sig),
+                        WaitStatus::Exited(code) => Exit::Code(code),
+                        _ => Exit::Unknown,
+                    })));
                 }
                 Ok(None)
             }
@@ -385,11 +499,24 @@ impl Tracer {
         }
     }
 
-    /// Stops every thread (`PTRACE_INTERRUPT`), within `timeout`, and returns them as a
-    /// [`StoppedProcess`] for [`Snapshot::capture_held`]. Hand it back to
-    /// [`Tracer::resume_all`]. Signals that arrive meanwhile are held and delivered at
-    /// resume.
-    pub fn stop_all(&mut self, timeout: Duration) -> Result<StoppedProcess> {
+    /// Stops every thread (`PTRACE_INTERRUPT`), within `timeout`, and holds them: pass the
+    /// result to [`dump_held`], then call [`Tracer::resume_all`]. Signals that arrive meanwhile are
+    /// held and delivered at resume.
+    ///
+    /// On error (the process exited: [`Error::ProcessExited`]; a thread that did not stop:
+    /// [`Error::StopTimeout`]) the threads already stopped stay held: let them go with
+    /// [`Tracer::resume_all`].
+    pub fn stop_all(&mut self, timeout: Duration) -> Result<Held> {
+        self.hold_all(timeout)?;
+        Ok(Held {
+            stopped: Some(self.held_process(timeout)),
+            epoch: self.resumes.load(Ordering::SeqCst),
+            resumes: self.resumes.clone(),
+        })
+    }
+
+    /// Stops every thread within `timeout`; each is then recorded as held.
+    fn hold_all(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let running: Vec<Pid> = self
             .threads
@@ -436,6 +563,12 @@ impl Tracer {
             }
             std::thread::sleep(Duration::from_micros(200));
         }
+        Ok(())
+    }
+
+    /// The held threads as a [`StoppedProcess`] for the snapshot code (which must not
+    /// release them: [`Held`]'s drop gives them back).
+    fn held_process(&self, timeout: Duration) -> StoppedProcess {
         let tracees = self
             .threads
             .iter()
@@ -451,16 +584,15 @@ impl Tracer {
                 State::Running => None,
             })
             .collect();
-        Ok(StoppedProcess::from_seized(self.pid, tracees, timeout))
+        StoppedProcess::from_seized(self.pid, tracees, timeout)
     }
 
     /// Lets every held thread go on: a thread stopped on a signal gets it delivered
-    /// unchanged, a group-stopped thread stays in its group stop, the others continue.
-    /// `stopped` is what [`Tracer::stop_all`] returned (or `None` after an event only).
-    pub fn resume_all(&mut self, stopped: Option<StoppedProcess>) -> Result<()> {
-        if let Some(s) = stopped {
-            let _ = s.into_tracees();
-        }
+    /// unchanged, a group-stopped thread stays in its group stop, the others continue. A
+    /// watched signal caught while [`Tracer::stop_all`] stopped the threads, not reported
+    /// yet, stays held until [`Tracer::next_event`] reports it.
+    pub fn resume_all(&mut self) -> Result<()> {
+        self.resumes.fetch_add(1, Ordering::SeqCst);
         let held: Vec<(Pid, StopKind)> = self
             .threads
             .iter()
@@ -494,13 +626,11 @@ impl Tracer {
     /// Detaches from every thread (interrupting the running ones first), delivering any
     /// held signal. Called by `Drop`; call it to see the error.
     pub fn detach_all(&mut self) -> Result<()> {
+        self.resumes.fetch_add(1, Ordering::SeqCst);
         if self.threads.is_empty() {
             return Ok(());
         }
-        let stopped = self.stop_all(Duration::from_secs(2));
-        if let Ok(s) = stopped {
-            let _ = s.into_tracees();
-        }
+        let _ = self.hold_all(Duration::from_secs(2));
         let mut first_err = None;
         for (tid, s) in std::mem::take(&mut self.threads) {
             let sig = match s {
@@ -522,6 +652,7 @@ impl Tracer {
     /// Delivers the signal thread `tid` is held on and lets it run.
     pub fn deliver(&mut self, tid: Pid) -> Result<()> {
         if let Some(State::Held(kind)) = self.threads.get(&tid).copied() {
+            self.resumes.fetch_add(1, Ordering::SeqCst);
             self.threads.insert(tid, State::Running);
             self.siginfo.remove(&tid);
             let sig = match kind {
@@ -556,34 +687,70 @@ fn gettid() -> Pid {
     unsafe { libc::syscall(libc::SYS_gettid) as Pid }
 }
 
-fn decode(status: i32) -> WaitStatus {
-    if libc::WIFEXITED(status) {
-        WaitStatus::Exited(libc::WEXITSTATUS(status))
-    } else if libc::WIFSIGNALED(status) {
-        WaitStatus::Signaled(libc::WTERMSIG(status))
-    } else {
-        let sig = libc::WSTOPSIG(status);
-        if sig == libc::SIGTRAP | 0x80 {
-            WaitStatus::SyscallStop
-        } else {
-            WaitStatus::Stopped {
-                sig,
-                event: (status >> 16) & 0xff,
+/// What waiting for one traced id gave.
+#[derive(Debug, Clone, Copy)]
+enum Waited {
+    Status(WaitStatus),
+    /// `ECHILD`: not (or no longer) a tracee of this thread.
+    Lost,
+}
+
+/// One pending wait status of `tid`, without blocking: `__WALL` (threads too),
+/// `__WNOTHREAD` (only if this thread traces it).
+fn wait_one(tid: Pid) -> Result<Option<Waited>> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid writes one int through its pointer, which points to `status`, a
+        // live local.
+        let r = unsafe {
+            libc::waitpid(
+                tid,
+                &mut status,
+                libc::__WALL | libc::__WNOTHREAD | libc::WNOHANG,
+            )
+        };
+        if r == tid {
+            return Ok(Some(Waited::Status(WaitStatus::decode(status))));
+        }
+        if r == 0 {
+            return Ok(None);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::ECHILD) => return Ok(Some(Waited::Lost)),
+            _ => {
+                return Err(Error::Ptrace {
+                    op: "waitpid",
+                    tid,
+                    source: e,
+                })
             }
         }
     }
 }
 
-/// Dumps a process the caller holds stopped (see [`Snapshot::capture_held`]) to
-/// `opts.output`, as [`crate::dump`] does: the file gets its name only once complete, and
-/// nothing is left at the path on error or cancel. `first` is the thread to list first
-/// (the crashing one). The target stays stopped throughout; the caller resumes it.
+/// Dumps a process held by [`Tracer::stop_all`] to `opts.output`, as [`crate::dump()`]
+/// does (in [`Mode::Suspend`](crate::Mode::Suspend), whatever `opts.snapshot.mode` says:
+/// the memory is read from the held target): the file gets its name only once complete,
+/// and nothing is left at the path on error or cancel. `first` is the thread to list
+/// first (gdb's current thread): the crashing one, whose held signal and siginfo become
+/// the core's `pr_cursig` and `NT_SIGINFO`, as in the kernel's crash cores. The target
+/// stays stopped throughout; the caller resumes it ([`Tracer::resume_all`]).
+///
+/// # Panics
+/// If `held` is stale: the tracer let threads run since it was returned (see [`Held`]).
 pub fn dump_held(
-    stopped: &StoppedProcess,
+    held: &Held,
     first: Option<Pid>,
     opts: &DumpOptions,
     progress: &mut dyn Progress,
 ) -> Result<DumpReport> {
+    assert!(
+        held.is_current(),
+        "dump_held: the tracer resumed threads since stop_all returned this Held; call stop_all again"
+    );
+    let stopped = held.stopped();
     let t0 = Instant::now();
     let out = OutputFile::create(&opts.output, opts.overwrite)?;
     let snap = Snapshot::capture_held(stopped, first, &opts.snapshot)?;

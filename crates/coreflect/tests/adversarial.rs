@@ -92,7 +92,7 @@ fn held_dump_of_a_target_killed_mid_write_fails() {
     let out = dir.join("killed.core");
     let pid = t.pid;
     let mut tracer = Tracer::attach(pid, &[libc::SIGTERM]).unwrap();
-    let stopped = tracer.stop_all(Duration::from_secs(30)).unwrap();
+    let held = tracer.stop_all(Duration::from_secs(30)).unwrap();
     let mut killed = false;
     let mut progress = |_: u64, _: u64| {
         if !killed {
@@ -101,12 +101,7 @@ fn held_dump_of_a_target_killed_mid_write_fails() {
         }
         true
     };
-    let r = dump_held(
-        &stopped,
-        None,
-        &dump_opts(&out, Mode::Suspend),
-        &mut progress,
-    );
+    let r = dump_held(&held, None, &dump_opts(&out, Mode::Suspend), &mut progress);
     assert!(
         killed,
         "the progress callback never ran: nothing was tested"
@@ -125,7 +120,7 @@ fn held_dump_of_a_target_killed_mid_write_fails() {
         "a partial core was left at {}",
         out.display()
     );
-    let _ = tracer.resume_all(Some(stopped));
+    let _ = tracer.resume_all();
 }
 
 fn zombie_children(pid: i32) -> Vec<i32> {
@@ -236,14 +231,11 @@ fn a_child_process_made_by_clone_is_not_a_thread_of_the_watched_target() {
     );
     let dir = tmpdir("cloneproc");
     let out = dir.join("held.core");
-    let stopped = tracer.stop_all(Duration::from_secs(30)).unwrap();
-    let rep = dump_held(
-        &stopped,
-        None,
-        &dump_opts(&out, Mode::Suspend),
-        &mut |_, _| true,
-    );
-    tracer.resume_all(Some(stopped)).unwrap();
+    let held = tracer.stop_all(Duration::from_secs(30)).unwrap();
+    let rep = dump_held(&held, None, &dump_opts(&out, Mode::Suspend), &mut |_, _| {
+        true
+    });
+    tracer.resume_all().unwrap();
     let rep = rep.unwrap();
     let core = coreflect::elf::reader::CoreFile::open(&rep.path).unwrap();
     let tids = coreflect::elf::reader::thread_ids(&core.notes().unwrap());
@@ -289,14 +281,14 @@ fn a_watched_signal_caught_while_stopping_for_another_dump_is_reported() {
     }
     // A dump for another trigger: the stop collects the signal's stop.
     let dir = tmpdir("pending-signal");
-    let stopped = tracer.stop_all(Duration::from_secs(30)).unwrap();
+    let held = tracer.stop_all(Duration::from_secs(30)).unwrap();
     let r = dump_held(
-        &stopped,
+        &held,
         None,
         &dump_opts(&dir.join("timer.core"), Mode::Suspend),
         &mut |_, _| true,
     );
-    tracer.resume_all(Some(stopped)).unwrap();
+    tracer.resume_all().unwrap();
     r.unwrap();
     let mut ev = None;
     while ev.is_none() && Instant::now() < deadline {
@@ -306,18 +298,58 @@ fn a_watched_signal_caught_while_stopping_for_another_dump_is_reported() {
         Some(Event::Signal { sig, tid }) => {
             assert_eq!(sig, libc::SIGWINCH);
             // Its own dump, then delivery.
-            let stopped = tracer.stop_all(Duration::from_secs(30)).unwrap();
+            let held = tracer.stop_all(Duration::from_secs(30)).unwrap();
             let r = dump_held(
-                &stopped,
+                &held,
                 Some(tid),
                 &dump_opts(&dir.join("signal.core"), Mode::Suspend),
                 &mut |_, _| true,
             );
-            tracer.resume_all(Some(stopped)).unwrap();
+            tracer.resume_all().unwrap();
             r.unwrap();
         }
         other => panic!("the signal that arrived during a dump was not reported: {other:?}"),
     }
+    drop(tracer);
+    t.assert_free();
+}
+
+/// The tracer waited for any child of its thread (`waitpid(-1)`): a process the tracing
+/// thread spawned itself (a helper a watcher starts, a clone made for a dump) had its exit
+/// status taken and thrown away by the tracer, and its own wait then failed with ECHILD.
+/// The tracer must only wait for the threads it traces.
+#[test]
+fn the_tracer_leaves_the_exit_status_of_its_threads_other_children_alone() {
+    let t = Target::spawn(&["--heap-mib", "2", "--seq-pages", "8"]);
+    let mut tracer = Tracer::attach(t.pid, &[libc::SIGTERM]).unwrap();
+    // A child of this (the tracing) thread, which exits at once with a status of its own.
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "exit 7"])
+        .spawn()
+        .unwrap();
+    // Wait, without reaping it, until it is a zombie: its exit status is pending.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let zombie = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit(')').next().unwrap_or("").trim().starts_with('Z'))
+    };
+    while !zombie(child.id()) {
+        assert!(Instant::now() < deadline, "the child never exited");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The tracer waits while the child's status is pending...
+    for _ in 0..5 {
+        assert_eq!(tracer.next_event(Duration::from_millis(20)).unwrap(), None);
+    }
+    assert!(
+        zombie(child.id()),
+        "the tracer reaped a child of its thread that it does not trace"
+    );
+    // ...and the child's own waiter still gets it.
+    let st = child
+        .wait()
+        .expect("the child's exit status was taken by the tracer");
+    assert_eq!(st.code(), Some(7));
     drop(tracer);
     t.assert_free();
 }

@@ -13,8 +13,7 @@ pub mod probe;
 use crate::report::{bytes, esc, json_str, report_json};
 use crate::ModeArg;
 use args::{signal_name, Size, WatchArgs};
-use coreflect::ptrace::WaitStatus;
-use coreflect::trace::{dump_held, Event, Tracer};
+use coreflect::trace::{dump_held, Event, Exit, Tracer};
 use coreflect::{DumpOptions, DumpReport, Error, Mode, Options, Pid};
 use probe::{Kind, Probe, Sample, Trigger};
 use std::io::{IsTerminal, Write};
@@ -714,6 +713,8 @@ impl<'a> Watcher<'a> {
                         fired.push((Some(tid), "signal".into()));
                     }
                     Ok(Some(Event::Exited(st))) => break End::TargetExited(exit_text(st)),
+                    // Nothing to act on (a later library's new event).
+                    Ok(Some(_)) => continue,
                     Err(e) => break End::Failed(e.with_causes()),
                 }
             }
@@ -721,7 +722,7 @@ impl<'a> Watcher<'a> {
                 if self.dumps >= self.a.count {
                     break;
                 }
-                let stopped = match tracer.stop_all(Duration::from_secs(2)) {
+                let held = match tracer.stop_all(Duration::from_secs(2)) {
                     Ok(s) => s,
                     Err(Error::ProcessExited { .. }) => {
                         return self
@@ -729,7 +730,7 @@ impl<'a> Watcher<'a> {
                     }
                     Err(e) => {
                         self.report(pid, &trigger, Err(e));
-                        let _ = tracer.resume_all(None);
+                        let _ = tracer.resume_all();
                         continue;
                     }
                 };
@@ -744,8 +745,8 @@ impl<'a> Watcher<'a> {
                     compress: None,
                     stdout: false,
                 };
-                let r = dump_held(&stopped, tid, &opts, &mut |_, _| true);
-                let resumed = tracer.resume_all(Some(stopped));
+                let r = dump_held(&held, tid, &opts, &mut |_, _| true);
+                let resumed = tracer.resume_all();
                 self.report(pid, &trigger, r);
                 if let Err(e) = resumed {
                     return self.end_traced(
@@ -783,10 +784,10 @@ impl<'a> Watcher<'a> {
     }
 }
 
-fn exit_text(st: WaitStatus) -> String {
+fn exit_text(st: Exit) -> String {
     match st {
-        WaitStatus::Exited(c) => format!("the target exited with status {c}"),
-        WaitStatus::Signaled(s) => format!("the target was killed by {}", signal_name(s)),
+        Exit::Code(c) => format!("the target exited with status {c}"),
+        Exit::Signal(s) => format!("the target was killed by {}", signal_name(s)),
         _ => "the target exited".into(),
     }
 }
