@@ -110,8 +110,9 @@ impl Registers {
     }
 }
 
-impl From<&Regs> for Registers {
-    fn from(r: &Regs) -> Registers {
+impl Registers {
+    /// The registers of a captured `user_regs_struct`.
+    pub(crate) fn from_regs(r: &Regs) -> Registers {
         let r = &r.0;
         Registers {
             r15: r.r15,
@@ -179,7 +180,7 @@ impl std::fmt::Debug for Thread {
 impl Thread {
     pub(crate) fn new(state: ThreadState, name: String, times: &crate::proc::ThreadTimes) -> Self {
         Thread {
-            regs: Registers::from(&state.regs),
+            regs: Registers::from_regs(&state.regs),
             name,
             sig_blocked: state.sigmask,
             state,
@@ -241,12 +242,6 @@ impl Thread {
     /// The pending signals (thread and process-wide; bit `n-1` for signal `n`).
     pub fn pending_signals(&self) -> u64 {
         self.sig_pending
-    }
-
-    /// The raw captured state (low-level).
-    #[doc(hidden)]
-    pub fn state(&self) -> &ThreadState {
-        &self.state
     }
 }
 

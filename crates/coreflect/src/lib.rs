@@ -49,49 +49,44 @@
 //!   options, preflight, pause, clone);
 //! - [`dump`](mod@dump): the whole dump into a file;
 //! - [`select`]: which memory goes into a core (`coredump_filter` rules, or your own policy);
-//! - [`trace`]: staying a process's tracer to intercept its signals (`coreflect watch`);
+//! - [`trace`]: staying a process's tracer to intercept its signals and dump the process
+//!   while the signalled thread is held (`coreflect watch --signal`): [`trace::Tracer`],
+//!   [`trace::Event`], [`trace::Held`], [`trace::dump_held`];
 //! - low-level building blocks, stable only as far as the items above need them:
 //!   [`elf`] (notes, the streaming core writer over any [`elf::writer::Sink`], a core
 //!   reader), [`proc`] (reading `/proc/PID/*`), [`output`] (creating the core file safely).
-//!   The injection, locking, direct-writing and reaping modules are private to the crate;
-//!   the ptrace and stopping modules are public only because [`trace`] passes their types
-//!   through, and hidden from these docs with the architecture, calibration and explain
-//!   modules.
+//!   Everything else (ptrace requests, stopping threads, injection, locking, direct
+//!   writing, reaping, the register layout, pause calibration, the plan's explanations)
+//!   is private to the crate: no public item exposes its types.
 //!
 //! Linux on x86_64 only; tracing needs root, `CAP_SYS_PTRACE`, or the target's user with
 //! `kernel.yama.ptrace_scope` = 0.
 #![warn(missing_docs)]
+// A public item must not expose a type of a private module (a type nobody can name).
+#![warn(unnameable_types)]
 
 #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
 compile_error!("coreflect supports Linux on x86_64 only");
 
 pub mod access;
-#[doc(hidden)]
-pub mod arch;
-#[doc(hidden)]
-pub mod calibrate;
+pub(crate) mod arch;
+pub(crate) mod calibrate;
 pub(crate) mod direct;
 pub mod dump;
 pub mod elf;
 pub mod error;
-#[doc(hidden)]
-pub mod explain;
+pub(crate) mod explain;
 pub(crate) mod inject;
 pub mod inspect;
 pub mod level;
 pub(crate) mod lock;
 pub mod output;
 pub mod proc;
-// Public (hidden) only because the CLI's `watch` matches `ptrace::WaitStatus`.
-#[doc(hidden)]
-pub mod ptrace;
+pub(crate) mod ptrace;
 mod reap;
 pub mod select;
 pub mod snapshot;
-// Public (hidden) only because `trace::Tracer::stop_all` and `trace::dump_held` pass a
-// `stop::StoppedProcess` to their callers (the CLI's `watch`).
-#[doc(hidden)]
-pub mod stop;
+pub(crate) mod stop;
 pub mod trace;
 pub mod write_path;
 

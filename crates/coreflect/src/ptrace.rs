@@ -12,8 +12,6 @@ use std::time::{Duration, Instant};
 pub const O_TRACESYSGOOD: u32 = libc::PTRACE_O_TRACESYSGOOD as u32;
 /// `PTRACE_O_TRACECLONE`.
 pub const O_TRACECLONE: u32 = libc::PTRACE_O_TRACECLONE as u32;
-/// `PTRACE_O_TRACEFORK`.
-pub const O_TRACEFORK: u32 = libc::PTRACE_O_TRACEFORK as u32;
 /// `PTRACE_O_EXITKILL`.
 pub const O_EXITKILL: u32 = libc::PTRACE_O_EXITKILL as u32;
 /// `PTRACE_O_SUSPEND_SECCOMP`.
@@ -24,8 +22,6 @@ pub const EVENT_CLONE: i32 = libc::PTRACE_EVENT_CLONE;
 pub const EVENT_FORK: i32 = libc::PTRACE_EVENT_FORK;
 /// `PTRACE_EVENT_STOP`.
 pub const EVENT_STOP: i32 = libc::PTRACE_EVENT_STOP;
-/// `NT_PRSTATUS` regset (general registers).
-pub const NT_PRSTATUS: u32 = 1;
 /// `NT_PRFPREG` regset (fxsave area).
 pub const NT_PRFPREG: u32 = 2;
 /// `NT_X86_XSTATE` regset (full xsave area).

@@ -103,12 +103,6 @@ impl StoppedProcess {
         Self::stop_inner(pid, first, timeout, true)
     }
 
-    /// Threads seized and interrupted but not stopped (see
-    /// [`StoppedProcess::stop_tolerating_blocked`]).
-    pub fn blocked(&self) -> usize {
-        self.unstopped.len()
-    }
-
     fn stop_inner(
         pid: Pid,
         first: Vec<Pid>,

@@ -18,7 +18,7 @@ impl std::fmt::Debug for Regs {
 
 impl Regs {
     /// The registers as the 216 bytes of `elf_gregset_t`.
-    pub fn to_bytes(&self) -> [u8; 216] {
+    pub fn to_bytes(self) -> [u8; 216] {
         let mut out = [0u8; 216];
         // SAFETY: user_regs_struct is 27 plain u64 fields, no padding.
         let src = unsafe {
@@ -38,6 +38,7 @@ impl Regs {
     }
 
     /// Builds registers from the 216 bytes of `elf_gregset_t`.
+    #[cfg(test)]
     pub fn from_bytes(b: &[u8; 216]) -> Regs {
         // SAFETY: `user_regs_struct` is 27 plain u64 fields: all-zero bytes are a valid value.
         let mut r: libc::user_regs_struct = unsafe { std::mem::zeroed() };

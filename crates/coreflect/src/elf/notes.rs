@@ -38,7 +38,7 @@ fn ticks_to_timeval(ticks: u64) -> Timeval {
 }
 
 /// The signal a thread was stopped on (0 if it was stopped by us).
-pub fn cursig(t: &ThreadState) -> i32 {
+pub(crate) fn cursig(t: &ThreadState) -> i32 {
     match t.kind {
         StopKind::Signal(s) => s,
         _ => 0,
@@ -46,7 +46,11 @@ pub fn cursig(t: &ThreadState) -> i32 {
 }
 
 /// `struct elf_prstatus` for one thread, filled as the kernel's `fill_prstatus` does.
-pub fn prstatus_struct(p: &ProcessInfo, t: &ThreadState, times: &ThreadTimes) -> ElfPrstatus {
+pub(crate) fn prstatus_struct(
+    p: &ProcessInfo,
+    t: &ThreadState,
+    times: &ThreadTimes,
+) -> ElfPrstatus {
     let sig = cursig(t);
     ElfPrstatus {
         pr_info: ElfSiginfo {
@@ -71,7 +75,7 @@ pub fn prstatus_struct(p: &ProcessInfo, t: &ThreadState, times: &ThreadTimes) ->
 }
 
 /// `struct elf_prstatus` (336 bytes) for one thread.
-pub fn prstatus(p: &ProcessInfo, t: &ThreadState, times: &ThreadTimes) -> Vec<u8> {
+pub(crate) fn prstatus(p: &ProcessInfo, t: &ThreadState, times: &ThreadTimes) -> Vec<u8> {
     prstatus_struct(p, t, times).as_bytes().to_vec()
 }
 
@@ -115,7 +119,7 @@ pub fn prpsinfo(p: &ProcessInfo) -> Vec<u8> {
 
 /// The 128-byte `siginfo_t` of the first thread: the real one if it was stopped on a signal,
 /// else zeros.
-pub fn siginfo(t: &ThreadState) -> Vec<u8> {
+pub(crate) fn siginfo(t: &ThreadState) -> Vec<u8> {
     let si = match &t.siginfo {
         Some(si) if cursig(t) != 0 => Siginfo::from_bytes(si).unwrap_or_default(),
         _ => Siginfo::default(),
@@ -145,7 +149,7 @@ pub fn file_note(mappings: &[Mapping], page_size: u64) -> Vec<u8> {
 }
 
 /// `NT_X86_XSAVE_LAYOUT`: {type, size, offset, flags} per enabled extended feature.
-pub fn xsave_layout(layout: &[arch::XfeatComponent]) -> Vec<u8> {
+pub(crate) fn xsave_layout(layout: &[arch::XfeatComponent]) -> Vec<u8> {
     let mut b = Vec::new();
     for c in layout {
         for v in [c.kind, c.size, c.offset, c.flags] {
@@ -157,7 +161,7 @@ pub fn xsave_layout(layout: &[arch::XfeatComponent]) -> Vec<u8> {
 
 /// Everything the notes segment is made from.
 #[derive(Debug)]
-pub struct NoteInput<'a> {
+pub(crate) struct NoteInput<'a> {
     /// The process.
     pub process: &'a ProcessInfo,
     /// Its threads, the one gdb should select first.
@@ -169,7 +173,7 @@ pub struct NoteInput<'a> {
 }
 
 /// Builds the whole content of the `PT_NOTE` segment.
-pub fn build(input: &NoteInput) -> Vec<u8> {
+pub(crate) fn build(input: &NoteInput) -> Vec<u8> {
     let page = crate::page_size();
     let mut out = Vec::with_capacity(input.threads.len() * 3500 + 4096);
     let zero = ThreadTimes::default();

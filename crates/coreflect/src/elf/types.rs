@@ -12,7 +12,7 @@ use std::mem::size_of;
 ///
 /// # Safety
 /// Implementors must be `#[repr(C)]`, hold only integers (or arrays / structs of them),
-/// and have no padding bytes. The [`pod!`] macro checks the last two at compile time.
+/// and have no padding bytes. The `pod!` macro checks the last two at compile time.
 pub unsafe trait Pod: Copy + 'static {
     /// The all-zero value.
     fn zeroed() -> Self {

@@ -177,7 +177,8 @@ const TARGET_VS_HELPER_4K: f64 = 2.0;
 /// The pause a snapshot of this process is expected to cost. The clone costs what a fork
 /// of the target costs — a fixed part, a part per mapping, plus copying the page tables of
 /// its anonymous memory, per GiB in 4 KiB pages and per GiB of transparent huge pages — as
-/// calibrated on this machine ([`crate::calibrate::fork_cost`]); stopping, capturing and
+/// calibrated on this machine (helper processes time their own forks; the result is cached
+/// for an hour under `$XDG_CACHE_HOME/coreflect/`); stopping, capturing and
 /// releasing cost ~1 ms plus ~12 µs per thread. In suspend mode the target is stopped for
 /// the whole write (~1.5 GB/s).
 pub fn estimate_pause(status: &proc::Status, maps: &[Mapping], mode: Mode) -> Duration {
