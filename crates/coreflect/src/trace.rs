@@ -8,7 +8,7 @@
 //!
 //! ```no_run
 //! use coreflect::trace::{dump_held, Event, Tracer};
-//! use coreflect::DumpOptions;
+//! use coreflect::{DumpOptions, Level, Options};
 //! use std::time::Duration;
 //!
 //! # fn main() -> coreflect::Result<()> {
@@ -19,7 +19,15 @@
 //!             // The crashing thread is held on its signal: dump the whole process while
 //!             // every thread is stopped, then let the signal be delivered.
 //!             let held = tracer.stop_all(Duration::from_secs(2))?;
-//!             let opts = DumpOptions { output: "/tmp/crash.core".into(), ..Default::default() };
+//!             let opts = DumpOptions {
+//!                 snapshot: Options::default(),
+//!                 output: "/tmp/crash.core".into(),
+//!                 overwrite: false,
+//!                 filter: None,
+//!                 level: Level::default(),
+//!                 compress: None, // dump_held writes plain cores
+//!                 stdout: false,
+//!             };
 //!             let report = dump_held(&held, Some(tid), &opts, &mut |_, _| true);
 //!             tracer.resume_all()?;
 //!             println!("{} bytes written", report?.bytes_written);
@@ -736,7 +744,8 @@ fn wait_one(tid: Pid) -> Result<Option<Waited>> {
 /// and nothing is left at the path on error or cancel. `first` is the thread to list
 /// first (gdb's current thread): the crashing one, whose held signal and siginfo become
 /// the core's `pr_cursig` and `NT_SIGINFO`, as in the kernel's crash cores. The target
-/// stays stopped throughout; the caller resumes it ([`Tracer::resume_all`]).
+/// stays stopped throughout; the caller resumes it ([`Tracer::resume_all`]). The core is
+/// written plain to `opts.output`: `opts.compress` and `opts.stdout` are not used.
 ///
 /// # Panics
 /// If `held` is stale: the tracer let threads run since it was returned (see [`Held`]).
