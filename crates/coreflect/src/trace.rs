@@ -508,8 +508,8 @@ impl Tracer {
     }
 
     /// Stops every thread (`PTRACE_INTERRUPT`), within `timeout`, and holds them: pass the
-    /// result to [`dump_held`], then call [`Tracer::resume_all`]. Signals that arrive meanwhile are
-    /// held and delivered at resume.
+    /// result to [`dump_held`], then call [`Tracer::resume_all`]. Signals that arrive
+    /// meanwhile are held and delivered at resume.
     ///
     /// On error (the process exited: [`Error::ProcessExited`]; a thread that did not stop:
     /// [`Error::StopTimeout`]) the threads already stopped stay held: let them go with

@@ -353,3 +353,38 @@ fn the_tracer_leaves_the_exit_status_of_its_threads_other_children_alone() {
     drop(tracer);
     t.assert_free();
 }
+
+/// A `Held` handle outlives the stop it stands for: once the tracer let the threads run
+/// again, dumping with it would read a running target as if it were held. `dump_held`
+/// refuses it (a panic: a misuse of the API), before creating anything at the output path.
+#[test]
+fn a_held_handle_is_stale_once_the_tracer_resumes() {
+    let t = Target::spawn(&["--heap-mib", "2", "--seq-pages", "8"]);
+    let mut tracer = Tracer::attach(t.pid, &[libc::SIGTERM]).unwrap();
+    let held = tracer.stop_all(Duration::from_secs(30)).unwrap();
+    assert!(held.is_current());
+    assert_eq!(held.pid(), t.pid);
+    let threads = held.threads();
+    assert_eq!(threads.first(), Some(&t.pid), "main thread first");
+    assert_eq!(threads.len(), t.threads());
+    tracer.resume_all().unwrap();
+    assert!(!held.is_current());
+    let dir = tmpdir("stale-held");
+    let out = dir.join("stale.core");
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        dump_held(&held, None, &dump_opts(&out, Mode::Suspend), &mut |_, _| {
+            true
+        })
+    }));
+    assert!(r.is_err(), "a dump with a stale Held handle was attempted");
+    assert!(!out.exists(), "a file was left at {}", out.display());
+    // A fresh stop works again, and the target ends free.
+    let held = tracer.stop_all(Duration::from_secs(30)).unwrap();
+    dump_held(&held, None, &dump_opts(&out, Mode::Suspend), &mut |_, _| {
+        true
+    })
+    .unwrap();
+    tracer.resume_all().unwrap();
+    drop(tracer);
+    t.assert_free();
+}
