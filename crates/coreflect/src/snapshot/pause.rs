@@ -345,7 +345,7 @@ fn release(pid: Pid, opts: &Options, p: Prepared, paused: Paused) -> Result<Snap
         (proc::maps::read_smaps(mm)?, Vec::new())
     };
     let rseq_orig = match &clone {
-        Some(_) => crate::direct::rseq_area(image_pid),
+        Some(_) => crate::direct::RseqArea::capture(image_pid),
         None => None,
     };
     let image = ProcMem::open(image_pid)?;
