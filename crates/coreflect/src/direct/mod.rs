@@ -22,13 +22,13 @@
 //! the target runs under seccomp, direct writing is not used and the writer reads
 //! `/proc/CLONE/mem` as before.
 //!
-//! Each injected syscall takes the clone through the kernel's return-to-user path, which
-//! rewrites its rseq area: [`RseqArea`] (in `rseq.rs`) holds the snapshot's copy and how
-//! each write path puts it back.
+//! Every syscall goes through an [`InjectedThread`] borrowing the clone (it is never
+//! detached here, and keeps `PTRACE_O_EXITKILL`); once one fails, no more are made. Each
+//! takes the clone through the kernel's return-to-user path, which rewrites its rseq area:
+//! [`RseqArea`] (in `rseq.rs`) holds the snapshot's copy and how each write path puts it back.
 
-use crate::arch::x86_64::Regs;
-use crate::error::{Error, Pid, Result};
-use crate::inject;
+use crate::error::{Error, InjectionFailure, Pid, Result};
+use crate::inject::{self, InjectedThread};
 use crate::ptrace;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -51,8 +51,8 @@ const SYS_CLOSE_RANGE: u64 = 436;
 #[derive(Debug)]
 pub struct DirectWriter {
     clone: Pid,
-    insn: u64,
-    saved: Regs,
+    /// The clone, borrowed (it stays attached: the snapshot's guard ends it).
+    thread: std::cell::RefCell<InjectedThread>,
     fd: u64,
     rseq: Option<RseqArea>,
     /// Set once an injection went wrong: no more are made.
@@ -155,29 +155,19 @@ impl DirectWriter {
     /// Makes the clone run syscall `nr(args)`; its return value (`-errno` on failure).
     pub(crate) fn syscall(&self, nr: u64, args: [u64; 6]) -> Result<i64> {
         if self.failed.get() {
-            return Err(Error::io(
-                "the clone writing its memory",
-                std::io::Error::other("an earlier injection failed"),
-            ));
+            return Err(Error::Injection {
+                tid: self.clone,
+                syscall: inject::syscall_name(nr),
+                kind: InjectionFailure::EarlierFailed,
+            });
         }
-        let r = inject::inject_syscall(
-            self.clone,
-            &self.saved,
-            !0,
-            self.insn,
-            nr,
-            args,
-            ptrace::O_EXITKILL,
-            Duration::from_secs(10),
-            &mut |_| Ok(()),
-            &mut || Ok(()),
-        );
+        let r = self.thread.borrow_mut().syscall(nr, args);
         // Whatever happened, the clone stays killable with its tracer.
         let _ = ptrace::set_options(self.clone, ptrace::O_EXITKILL);
         if r.is_err() {
             self.failed.set(true);
         }
-        Ok(r?.ret)
+        r
     }
 
     /// Sets up `clone` (stopped, traced by this thread, registers at `exit_group` on the
@@ -211,10 +201,20 @@ impl DirectWriter {
         if !same_net_namespace(clone) || !tame(clone) || !adopt_into_our_cgroups(clone) {
             return None;
         }
+        // Its signal mask (all blocked: it was made while the borrowed thread's was) is put
+        // back after each syscall; it keeps PTRACE_O_EXITKILL between them.
+        let thread = InjectedThread::borrow(
+            clone,
+            saved,
+            insn,
+            ptrace::O_EXITKILL,
+            Duration::from_secs(10),
+        )
+        .ok()?
+        .leaving_options(ptrace::O_EXITKILL);
         let w = DirectWriter {
             clone,
-            insn,
-            saved,
+            thread: std::cell::RefCell::new(thread),
             fd: 0,
             rseq,
             failed: std::cell::Cell::new(false),
