@@ -220,6 +220,18 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A syscall injected into a stopped thread (the `clone` of the pause, the clone's own
+    /// writes, the `wait4` that reaps the clone) did not run, or the thread could not be put
+    /// back afterwards.
+    #[error("{}", injection_message(*.tid, .syscall, .kind))]
+    Injection {
+        /// The thread borrowed for it.
+        tid: Pid,
+        /// The syscall's name (`clone`, `wait4`, `pwrite64`…).
+        syscall: &'static str,
+        /// What went wrong.
+        kind: InjectionFailure,
+    },
 }
 
 /// Shorthand for `Result<T, coreflect::Error>`.
@@ -260,6 +272,48 @@ impl Error {
             | Error::Memory { source, .. } => source.raw_os_error(),
             _ => None,
         }
+    }
+}
+
+/// How an injected syscall failed (see [`Error::Injection`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InjectionFailure {
+    /// The borrowed `syscall` instruction raised `signal` (it is not executable, or not a
+    /// `syscall` any more): the thread never ran the syscall, and was put back unchanged.
+    Faulted {
+        /// The signal the instruction raised (suppressed).
+        signal: i32,
+    },
+    /// The thread did not enter the syscall within `millis` ms.
+    NotEntered {
+        /// How long we waited.
+        millis: u64,
+    },
+    /// After the syscall the thread did not come back to a stop within `millis` ms, so
+    /// its registers and signal mask could not be put back.
+    NotBack {
+        /// How long we waited.
+        millis: u64,
+    },
+    /// An earlier injection into the same thread failed: no more are made.
+    EarlierFailed,
+}
+
+fn injection_message(tid: Pid, syscall: &str, kind: &InjectionFailure) -> String {
+    match kind {
+        InjectionFailure::Faulted { signal } => format!(
+            "the borrowed syscall instruction faulted (signal {signal}) when thread {tid} was to run an injected {syscall}: the thread never ran it and was put back unchanged"
+        ),
+        InjectionFailure::NotEntered { millis } => format!(
+            "thread {tid} did not enter the injected {syscall} within {millis} ms and was put back: try again when the system is less loaded"
+        ),
+        InjectionFailure::NotBack { millis } => format!(
+            "thread {tid} did not stop again within {millis} ms after the injected {syscall}, so its registers and signal mask could not be put back: check the process, it may have to be restarted"
+        ),
+        InjectionFailure::EarlierFailed => format!(
+            "no {syscall} was injected into thread {tid}: an earlier injected syscall there failed (that error says why)"
+        ),
     }
 }
 

@@ -231,34 +231,30 @@ pub(crate) fn kill_and_reap(
             "no thread could run wait4: all are stopped by a signal, in mask-swapping syscalls, or under a seccomp filter".into(),
         )),
         (Some(insn), Some((tid, r))) => {
-            let res = ptrace::get_sigmask(tid).and_then(|mask| {
-                inject::inject_syscall(
-                    tid,
-                    &r,
-                    mask,
-                    insn,
-                    arch::SYS_WAIT4,
-                    [
-                        clone_ns as u64,
-                        0,
-                        (WALL | libc::WNOHANG) as u64,
-                        0,
-                        0,
-                        0,
-                    ],
-                    options,
-                    // Not the caller's stop timeout (it may be 0): once the thread runs
-                    // the borrowed instruction, the injection is waited out.
-                    REAP_INJECT_TIMEOUT,
-                    &mut |_| Ok(()),
-                    &mut || Ok(()),
-                )
-            });
+            // A thread of the stop: borrowed, put back, and released with the others.
+            // Not the caller's stop timeout (it may be 0): once the thread runs the
+            // borrowed instruction, the injection is waited out.
+            let res = inject::InjectedThread::borrow(tid, r, insn, options, REAP_INJECT_TIMEOUT)
+                .and_then(|mut thread| {
+                    let ret = thread.syscall(
+                        arch::SYS_WAIT4,
+                        [
+                            clone_ns as u64,
+                            0,
+                            (WALL | libc::WNOHANG) as u64,
+                            0,
+                            0,
+                            0,
+                        ],
+                    )?;
+                    thread.restore()?;
+                    Ok(ret)
+                });
             match res {
-                Ok(r) if r.ret == clone_ns as i64 => None,
-                Ok(r) => Some(left(format!(
+                Ok(ret) if ret == clone_ns as i64 => None,
+                Ok(ret) => Some(left(format!(
                     "the injected wait4 {}",
-                    inject::describe_return(arch::SYS_WAIT4, r.ret)
+                    inject::describe_return(arch::SYS_WAIT4, ret)
                 ))),
                 Err(Error::ProcessExited { .. }) | Err(Error::NoSuchProcess { .. }) => None,
                 Err(e) => Some(left(format!("the injected wait4 failed: {}", e.with_causes()))),

@@ -29,7 +29,7 @@
 //! read path.
 
 use crate::arch::x86_64::Regs;
-use crate::direct::DirectWriter;
+use crate::direct::{DirectWriter, RseqArea};
 use crate::elf::writer::{
     fill_chunk, layout, note_unreadable, ChunkBuf, MemoryReader, Progress, SegmentPlan, Source,
     WriteStats, CHUNK,
@@ -412,7 +412,7 @@ pub(crate) fn write_core_splice(
     mem: &dyn MemoryReader,
     clone: Pid,
     insn: u64,
-    rseq: Option<(u64, Vec<u8>)>,
+    rseq: Option<RseqArea>,
     release_behind: bool,
     progress: &mut dyn Progress,
 ) -> Result<std::result::Result<WriteStats, String>> {
@@ -428,9 +428,8 @@ pub(crate) fn write_core_splice(
     }
     let cap = cap / page * page;
     let raw: Vec<RawFd> = pipes_w.iter().map(|w| w.as_raw_fd()).collect();
-    let rseq_range = rseq
-        .as_ref()
-        .map(|(a, b)| (a & !(page - 1), (a + b.len() as u64).div_ceil(page) * page));
+    // The pages holding the clone's rseq area go through the read path (see `RseqArea`).
+    let rseq_pages = rseq.clone();
     let Some((setup, clone_fds)) = DirectWriter::setup_fds(clone, insn, &raw, rseq) else {
         return Ok(Err(
             "the clone could not be set up for splicing (needs root, no seccomp filter, \
@@ -656,7 +655,10 @@ pub(crate) fn write_core_splice(
                         } else if e & PM_PRESENT != 0 && zpfn != 0 && e & PFN_MASK == zpfn {
                             st.zero_bytes += page;
                             0
-                        } else if rseq_range.is_some_and(|(x, y)| addr >= x && addr < y) {
+                        } else if rseq_pages
+                            .as_ref()
+                            .is_some_and(|r| r.overlaps(addr, addr + page))
+                        {
                             2
                         } else {
                             1
@@ -901,7 +903,7 @@ pub(crate) fn write_core_file(
     mem: &dyn MemoryReader,
     clone: Option<(Pid, u64)>,
     path: WritePath,
-    rseq: Option<(u64, Vec<u8>)>,
+    rseq: Option<RseqArea>,
     file: &File,
     segs: &[SegmentPlan],
     notes: &[u8],

@@ -764,12 +764,14 @@ pub(crate) fn write_core_direct(
         }
     }
     // The kernel refreshed the clone's rseq area on each injected syscall: put back the
-    // bytes the snapshot holds.
-    if let Some((addr, bytes)) = direct.rseq_original() {
-        let end = addr + bytes.len() as u64;
+    // bytes the snapshot holds (see the crate-internal `direct::RseqArea`).
+    if let Some(rseq) = direct.rseq() {
         for (s, &off) in segs.iter().zip(&lay.data_offsets) {
-            if s.source == Source::Image && addr >= s.vaddr && end <= s.vaddr + s.filesz {
-                file.write_all_at(bytes, off + (addr - s.vaddr))
+            if s.source != Source::Image {
+                continue;
+            }
+            if let Some(rel) = rseq.offset_in(s.vaddr, s.filesz) {
+                file.write_all_at(rseq.bytes(), off + rel)
                     .map_err(out_err)?;
             }
         }

@@ -1,8 +1,8 @@
 //! The clone: what is done to it at its first stop ([`setup_clone`]), the image's memory
 //! map read from it ([`image_mappings`]), its guard that kills it and reaps its zombie
 //! inside the target ([`CloneGuard`]), the zombies an interrupted dump left
-//! ([`leftover_clones`]), and the clone's rseq area, which the kernel rewrites whenever the
-//! clone passes through its return-to-user path ([`restore_rseq`]).
+//! ([`leftover_clones`]). (The clone's rseq area, which the kernel rewrites whenever the
+//! clone passes through its return-to-user path, is `crate::direct::RseqArea`.)
 
 use super::{Phase, PhaseHook, Range};
 use crate::arch::x86_64::{self as arch};
@@ -169,14 +169,4 @@ pub(super) fn image_mappings(
     }
     maps.sort_by_key(|m| m.start);
     Ok((maps, live))
-}
-
-/// Puts back, where they overlap a read of `buf` at `addr` (`n` bytes read), the clone's rseq
-/// bytes as the snapshot holds them (`orig` at `at`).
-pub(super) fn restore_rseq(at: u64, orig: &[u8], addr: u64, n: usize, buf: &mut [u8]) {
-    let (s, e) = (addr.max(at), (addr + n as u64).min(at + orig.len() as u64));
-    if s < e {
-        buf[(s - addr) as usize..(e - addr) as usize]
-            .copy_from_slice(&orig[(s - at) as usize..(e - at) as usize]);
-    }
 }

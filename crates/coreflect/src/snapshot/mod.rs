@@ -13,7 +13,7 @@
 //! The stages, one file each: `options.rs` (what is asked), `preflight.rs` (before anything
 //! is stopped: can it be dumped, can it be reflected, what the pause will cost), `pause.rs`
 //! (stop, inject the clone, release), `clone.rs` (the clone's setup, its image's map, its
-//! guard and reaping, the rseq fix-up); this file holds the thread-bound snapshot and what is
+//! guard and reaping); this file holds the thread-bound snapshot and what is
 //! read and written from it, `handle.rs` the public `Send + Sync` [`crate::Snapshot`].
 
 use crate::arch::x86_64::{self as arch};
@@ -68,7 +68,7 @@ pub(crate) struct Snapshot {
     /// The clone's rseq area as the snapshot holds it: the kernel rewrites it whenever the
     /// clone passes through its return-to-user path (injected syscalls), so reads put it
     /// back.
-    rseq_orig: Option<(u64, Vec<u8>)>,
+    rseq_orig: Option<crate::direct::RseqArea>,
     stopped_at: Instant,
     pause: PauseBreakdown,
     warnings: Vec<String>,
@@ -375,9 +375,9 @@ impl MemoryReader for Snapshot {
         match source {
             Source::Image => {
                 let n = self.image.read_at(addr, buf)?;
-                if let Some((at, orig)) = &self.rseq_orig {
+                if let Some(rseq) = &self.rseq_orig {
                     // Put back the snapshot's rseq bytes where they overlap this read.
-                    clone::restore_rseq(*at, orig, addr, n, buf);
+                    rseq.restore_into(addr, &mut buf[..n]);
                 }
                 Ok(n)
             }

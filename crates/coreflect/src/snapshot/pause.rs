@@ -345,7 +345,7 @@ fn release(pid: Pid, opts: &Options, p: Prepared, paused: Paused) -> Result<Snap
         (proc::maps::read_smaps(mm)?, Vec::new())
     };
     let rseq_orig = match &clone {
-        Some(_) => crate::direct::rseq_area(image_pid),
+        Some(_) => crate::direct::RseqArea::capture(image_pid),
         None => None,
     };
     let image = ProcMem::open(image_pid)?;
@@ -418,38 +418,36 @@ fn reflect(
     xbuf: &mut [u8],
 ) -> Result<(Pid, Vec<ThreadState>)> {
     let tid = t.tid;
-    let sigmask = ptrace::get_sigmask(tid)?;
+    let options = ptrace::O_TRACECLONE | ptrace::O_EXITKILL | extra_opts;
+    // Borrowed, not owned: the thread stays attached; it is released (or given back to
+    // the stop) below.
+    let mut thread =
+        inject::InjectedThread::borrow(tid, t.regs, insn, options, Duration::from_secs(60))?;
     let tracee = stopped.forget(tid).expect("chosen thread is stopped");
     let mut clone_at = 0;
     let mut child_seen = None;
     let mut others = None;
     let mut capture_us = 0;
-    let options = ptrace::O_TRACECLONE | ptrace::O_EXITKILL | extra_opts;
     let r = {
         let held: &StoppedProcess = stopped;
-        inject::inject_syscall(
-            tid,
-            &t.regs,
-            sigmask,
-            insn,
-            arch::SYS_CLONE,
-            [CLONE_FILES, 0, 0, 0, 0, 0],
-            options,
-            Duration::from_secs(60),
-            &mut |child| {
-                clone_at = us(t0.elapsed());
-                child_seen = Some(child);
-                Ok(())
-            },
-            &mut || {
-                // The other threads hold still while the kernel copies the address space:
-                // read their registers now instead of before.
-                let t1 = Instant::now();
-                others = Some(held.capture(xbuf)?);
-                capture_us = us(t1.elapsed());
-                Ok(())
-            },
-        )
+        thread
+            .clone_with(
+                [CLONE_FILES, 0, 0, 0, 0, 0],
+                &mut |child| {
+                    clone_at = us(t0.elapsed());
+                    child_seen = Some(child);
+                    Ok(())
+                },
+                &mut || {
+                    // The other threads hold still while the kernel copies the address
+                    // space: read their registers now instead of before.
+                    let t1 = Instant::now();
+                    others = Some(held.capture(xbuf)?);
+                    capture_us = us(t1.elapsed());
+                    Ok(())
+                },
+            )
+            .and_then(|inj| thread.restore().map(|()| inj))
     };
     pause.capture_us = capture_us;
     match r {

@@ -21,15 +21,22 @@
 //! is moved into coreflect's own cgroups first; where that is not possible (not root), or
 //! the target runs under seccomp, direct writing is not used and the writer reads
 //! `/proc/CLONE/mem` as before.
+//!
+//! Every syscall goes through an [`InjectedThread`] borrowing the clone (it is never
+//! detached here, and keeps `PTRACE_O_EXITKILL`); once one fails, no more are made. Each
+//! takes the clone through the kernel's return-to-user path, which rewrites its rseq area:
+//! [`RseqArea`] (in `rseq.rs`) holds the snapshot's copy and how each write path puts it back.
 
-use crate::arch::x86_64::Regs;
-use crate::error::{Error, Pid, Result};
-use crate::inject;
+use crate::error::{Error, InjectionFailure, Pid, Result};
+use crate::inject::{self, InjectedThread};
 use crate::ptrace;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::time::Duration;
+
+mod rseq;
+pub(crate) use rseq::RseqArea;
 
 const SYS_MMAP: u64 = 9;
 const SYS_MUNMAP: u64 = 11;
@@ -44,45 +51,12 @@ const SYS_CLOSE_RANGE: u64 = 436;
 #[derive(Debug)]
 pub struct DirectWriter {
     clone: Pid,
-    insn: u64,
-    saved: Regs,
+    /// The clone, borrowed (it stays attached: the snapshot's guard ends it).
+    thread: std::cell::RefCell<InjectedThread>,
     fd: u64,
-    rseq: Option<(u64, Vec<u8>)>,
+    rseq: Option<RseqArea>,
     /// Set once an injection went wrong: no more are made.
     failed: std::cell::Cell<bool>,
-}
-
-/// The clone's registered rseq area and its bytes as the snapshot holds them (read this
-/// before any injection into the clone). Each injected
-/// syscall takes the clone through the kernel's return-to-user path, which refreshes the
-/// area (`cpu_id`…); the writer puts the original bytes back into the core.
-pub fn rseq_area(clone: Pid) -> Option<(u64, Vec<u8>)> {
-    #[repr(C)]
-    #[derive(Default)]
-    struct Config {
-        ptr: u64,
-        size: u32,
-        sig: u32,
-        flags: u32,
-        pad: u32,
-    }
-    let mut cfg = Config::default();
-    // SAFETY: GET_RSEQ_CONFIGURATION writes at most `addr` = size_of::<Config>() bytes to `data`,
-    // which points to `cfg`, a live local `#[repr(C)]` Config of exactly that size.
-    let r = unsafe {
-        libc::ptrace(
-            libc::PTRACE_GET_RSEQ_CONFIGURATION,
-            clone,
-            std::mem::size_of::<Config>(),
-            &mut cfg as *mut Config,
-        )
-    };
-    if r <= 0 || cfg.ptr == 0 {
-        return None;
-    }
-    let mem = crate::proc::ProcMem::open(clone).ok()?;
-    let mut b = vec![0u8; (cfg.size as usize).clamp(32, 256)];
-    (mem.read_at(cfg.ptr, &mut b).ok()? == b.len()).then_some((cfg.ptr, b))
 }
 
 fn cgroup_lines(pid: &str) -> Vec<(String, String)> {
@@ -181,29 +155,19 @@ impl DirectWriter {
     /// Makes the clone run syscall `nr(args)`; its return value (`-errno` on failure).
     pub(crate) fn syscall(&self, nr: u64, args: [u64; 6]) -> Result<i64> {
         if self.failed.get() {
-            return Err(Error::io(
-                "the clone writing its memory",
-                std::io::Error::other("an earlier injection failed"),
-            ));
+            return Err(Error::Injection {
+                tid: self.clone,
+                syscall: inject::syscall_name(nr),
+                kind: InjectionFailure::EarlierFailed,
+            });
         }
-        let r = inject::inject_syscall(
-            self.clone,
-            &self.saved,
-            !0,
-            self.insn,
-            nr,
-            args,
-            ptrace::O_EXITKILL,
-            Duration::from_secs(10),
-            &mut |_| Ok(()),
-            &mut || Ok(()),
-        );
+        let r = self.thread.borrow_mut().syscall(nr, args);
         // Whatever happened, the clone stays killable with its tracer.
         let _ = ptrace::set_options(self.clone, ptrace::O_EXITKILL);
         if r.is_err() {
             self.failed.set(true);
         }
-        Ok(r?.ret)
+        r
     }
 
     /// Sets up `clone` (stopped, traced by this thread, registers at `exit_group` on the
@@ -213,7 +177,7 @@ impl DirectWriter {
         clone: Pid,
         insn: u64,
         file: &File,
-        rseq: Option<(u64, Vec<u8>)>,
+        rseq: Option<RseqArea>,
     ) -> Option<DirectWriter> {
         let (mut w, fds) = Self::setup_fds(clone, insn, &[file.as_raw_fd()], rseq)?;
         w.fd = fds[0];
@@ -226,7 +190,7 @@ impl DirectWriter {
         clone: Pid,
         insn: u64,
         fds: &[std::os::unix::io::RawFd],
-        rseq: Option<(u64, Vec<u8>)>,
+        rseq: Option<RseqArea>,
     ) -> Option<(DirectWriter, Vec<u64>)> {
         // The borrowed thread's seccomp filter is the clone's: it may kill or trap on any of
         // the syscalls below.
@@ -237,10 +201,20 @@ impl DirectWriter {
         if !same_net_namespace(clone) || !tame(clone) || !adopt_into_our_cgroups(clone) {
             return None;
         }
+        // Its signal mask (all blocked: it was made while the borrowed thread's was) is put
+        // back after each syscall; it keeps PTRACE_O_EXITKILL between them.
+        let thread = InjectedThread::borrow(
+            clone,
+            saved,
+            insn,
+            ptrace::O_EXITKILL,
+            Duration::from_secs(10),
+        )
+        .ok()?
+        .leaving_options(ptrace::O_EXITKILL);
         let w = DirectWriter {
             clone,
-            insn,
-            saved,
+            thread: std::cell::RefCell::new(thread),
             fd: 0,
             rseq,
             failed: std::cell::Cell::new(false),
@@ -408,9 +382,10 @@ impl DirectWriter {
         result
     }
 
-    /// The clone's rseq area (address, bytes) as the snapshot holds it, if it has one.
-    pub fn rseq_original(&self) -> Option<(u64, &[u8])> {
-        self.rseq.as_ref().map(|(a, b)| (*a, b.as_slice()))
+    /// The clone's rseq area as the snapshot holds it, if it has one: the kernel rewrites
+    /// it in the clone at every injected syscall (see [`RseqArea`]).
+    pub(crate) fn rseq(&self) -> Option<&RseqArea> {
+        self.rseq.as_ref()
     }
 
     /// Makes the clone write `len` bytes of its memory at `addr` to the core at `offset`;
