@@ -255,9 +255,15 @@ pub fn hint(err: &coreflect::Error) -> Option<&'static str> {
             "use --mode suspend (or auto) to dump with the target stopped"
         }
         E::PauseTooLong { .. } => "raise --max-pause",
+        E::WritePathUnavailable { .. } => "use --write-path auto or read",
+        E::SpliceBroken { .. } => "--write-path read does that",
+        E::CloneKilled { .. } => "--mode suspend takes one",
         E::Cancelled => "no file was left",
-        E::Output { source, .. } => match source.raw_os_error() {
-            Some(libc::EEXIST) => "--overwrite replaces it, -o chooses another path",
+        E::Output { source, what, .. } => match source.raw_os_error() {
+            // (Not a FIFO or a device: only regular files are ever replaced.)
+            Some(libc::EEXIST) if *what != "refusing to replace" => {
+                "--overwrite replaces it, -o chooses another path"
+            }
             _ => "-o chooses another path",
         },
         _ => return None,

@@ -101,16 +101,17 @@ pub const CLONE_EXIT_CODE: i32 = 0xCF;
 
 /// At the clone's first stop: point it at `exit_group(CLONE_EXIT_CODE)` so it can never run the target's
 /// code, kill it if we die, and make it the OOM killer's first choice.
-pub(super) fn setup_clone(clone: Pid, insn: u64) -> Result<Pid> {
+pub(super) fn setup_clone(pid: Pid, clone: Pid, insn: u64) -> Result<Pid> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    match ptrace::wait_until(clone, deadline)? {
-        Some(WaitStatus::Stopped { .. }) => {}
-        other => {
-            return Err(Error::io(
-                format!("waiting for the clone {clone} to stop"),
-                std::io::Error::other(format!("unexpected status {other:?}")),
-            ))
-        }
+    let status = match ptrace::wait_until(clone, deadline)? {
+        Some(WaitStatus::Stopped { .. }) => None,
+        Some(WaitStatus::Exited(code)) => Some(format!("it exited with status {code}")),
+        Some(WaitStatus::Signaled(sig)) => Some(format!("it was killed by signal {sig}")),
+        Some(other) => Some(format!("it reported {other:?} instead of a stop")),
+        None => Some("it did not stop within 10 s".to_string()),
+    };
+    if let Some(status) = status {
+        return Err(Error::CloneNotStopped { pid, clone, status });
     }
     let mut r = ptrace::get_regs(clone)?;
     r.0.rip = insn;

@@ -274,10 +274,7 @@ impl Snapshot {
             Err(_) => {
                 let _ = join.join();
                 wait_thread_gone(tid);
-                Err(Error::io(
-                    format!("taking a snapshot of pid {pid}"),
-                    io::Error::other("the tracer thread panicked; the target was released"),
-                ))
+                Err(Error::TracerThreadEnded { pid })
             }
         }
     }
@@ -599,19 +596,21 @@ impl Snapshot {
             Ok(0) if !buf.is_empty() => Err(self.mem_error(
                 addr,
                 buf.len(),
+                0,
                 io::Error::new(io::ErrorKind::UnexpectedEof, "nothing is mapped there"),
             )),
             Ok(n) => Ok(n),
-            Err(e) => Err(self.mem_error(addr, buf.len(), e)),
+            Err(e) => Err(self.mem_error(addr, buf.len(), 0, e)),
         }
     }
 
-    fn mem_error(&self, addr: u64, len: usize, source: io::Error) -> Error {
+    fn mem_error(&self, addr: u64, len: usize, readable: usize, source: io::Error) -> Error {
         Error::Memory {
             pid: self.pid(),
             addr,
             len,
             live: self.source(addr) == Source::Live,
+            readable,
             source,
         }
     }
@@ -632,14 +631,7 @@ impl Snapshot {
             match self.read_memory(at, &mut buf[done..]) {
                 Ok(n) => done += n,
                 Err(Error::Memory { source, .. }) => {
-                    return Err(self.mem_error(
-                        addr,
-                        buf.len(),
-                        io::Error::new(
-                            source.kind(),
-                            format!("only {done} bytes readable (at {at:#x}: {source})"),
-                        ),
-                    ))
+                    return Err(self.mem_error(addr, buf.len(), done, source))
                 }
                 Err(e) => return Err(e),
             }
@@ -837,10 +829,7 @@ impl Snapshot {
     }
 
     fn tracer_gone(&self) -> Error {
-        Error::io(
-            format!("using the snapshot of pid {}", self.pid()),
-            io::Error::other("its tracer thread ended unexpectedly (it panicked)"),
-        )
+        Error::TracerThreadEnded { pid: self.pid() }
     }
 
     /// Fails if the clone died (killed by the OOM killer, which picks it first) so that its

@@ -302,7 +302,13 @@ impl Snapshot {
             notes,
             release_behind,
             progress,
-        )?;
+        )
+        .map_err(|e| match e {
+            // A clone killed meanwhile (the OOM killer picks it first) explains the failure.
+            Error::Cancelled => e,
+            e if self.clone.is_some() => self.check_image_alive().err().unwrap_or(e),
+            e => e,
+        })?;
         self.check_image_alive()?;
         if let Some(c) = &self.clone {
             st.path.clone_cpu_ms = crate::write_path::cpu_ms(c.clone).unwrap_or(0.0);
@@ -330,13 +336,10 @@ impl Snapshot {
         };
         match proc::Stat::read(c.clone) {
             Ok(st) if matches!(st.state, 't' | 'T') => Ok(()),
-            _ => Err(Error::io(
-                format!("writing the core of pid {}", self.pid),
-                std::io::Error::other(format!(
-                    "the clone {} was killed before its memory was all read (out of memory?); the core was not kept",
-                    c.clone
-                )),
-            )),
+            _ => Err(Error::CloneKilled {
+                pid: self.pid,
+                clone: c.clone,
+            }),
         }
     }
 

@@ -230,14 +230,7 @@ fn pause_target(pid: Pid, opts: &Options, p: Prepared) -> Result<(Prepared, Paus
                     Ok(2) if b == [0x0f, 0x05] => {
                         reflect(&mut stopped, t, insn, extra_opts, t0, &mut pause, &mut xbuf)
                     }
-                    _ => {
-                        return Err(Error::io(
-                            format!("stopping pid {pid}"),
-                            std::io::Error::other(
-                                "it executed a new program (exec) while being stopped; try again",
-                            ),
-                        ))
-                    }
+                    _ => return Err(Error::TargetExeced { pid }),
                 }
             }
         };
@@ -323,7 +316,7 @@ fn release(pid: Pid, opts: &Options, p: Prepared, paused: Paused) -> Result<Snap
         Some((c, insn)) => {
             drop(lock);
             mode = Mode::Reflect;
-            let ns = setup_clone(c, insn)?;
+            let ns = setup_clone(pid, c, insn)?;
             if let Some(g) = clone.as_mut() {
                 g.clone_ns = ns;
             }
