@@ -2,7 +2,7 @@
 //!
 //! Every variant names what failed and, where there is one, what the user can do about it.
 //! Problems that do not stop a dump (an unreadable range, a thread that vanished) are not
-//! errors: they are collected as warnings in the [`crate::dump::DumpReport`].
+//! errors: they are collected as [`crate::Warning`]s in the [`crate::dump::DumpReport`].
 //!
 //! A message does not repeat its cause: the underlying OS error is the variant's
 //! [`std::error::Error::source`], for the caller to print after it (`{:#}` with anyhow, or

@@ -93,6 +93,7 @@ pub mod snapshot;
 #[doc(hidden)]
 pub mod stop;
 pub mod trace;
+pub mod warning;
 pub mod write_path;
 
 pub use dump::{dump, DumpOptions, DumpReport};
@@ -102,6 +103,7 @@ pub use level::Level;
 pub use proc::Mapping;
 pub use snapshot::handle::{MemoryView, Snapshot};
 pub use snapshot::{Mode, Options, PauseBreakdown, Phase};
+pub use warning::Warning;
 
 /// The system's page size in bytes.
 pub fn page_size() -> u64 {

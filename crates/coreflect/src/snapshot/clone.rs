@@ -7,8 +7,10 @@
 use super::{Phase, PhaseHook, Range};
 use crate::arch::x86_64::{self as arch};
 use crate::error::{Error, Pid, Result};
+use crate::inspect::LiveReason;
 use crate::proc::{self, Mapping};
 use crate::ptrace::{self, WaitStatus};
+use crate::warning::Warning;
 use std::time::{Duration, Instant};
 
 /// `CLONE_FILES`: share the fd table, so the clone holds no extra file references.
@@ -135,7 +137,7 @@ pub(super) fn setup_clone(pid: Pid, clone: Pid, insn: u64) -> Result<Pid> {
 pub(super) fn image_mappings(
     clone: Pid,
     target_maps: &[Mapping],
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<Warning>,
 ) -> Result<(Vec<Mapping>, Vec<Range>)> {
     let mut maps = proc::maps::read_smaps(clone)?;
     let mut live = Vec::new();
@@ -159,14 +161,16 @@ pub(super) fn image_mappings(
             c.rss_kb = m.rss_kb;
         }
         live.push((m.start, m.end));
-        warnings.push(format!(
-            "{:#x}-{:#x} ({} KiB, {}) is {} and was read from the live target, not the frozen image",
-            m.start,
-            m.end,
-            m.len() / 1024,
-            if m.name.is_empty() { "anonymous" } else { &m.name },
-            if m.has_flag("dc") { "MADV_DONTFORK" } else { "MADV_WIPEONFORK" }
-        ));
+        warnings.push(Warning::ReadLive {
+            start: m.start,
+            end: m.end,
+            name: m.name.clone(),
+            reason: if m.has_flag("dc") {
+                LiveReason::DontFork
+            } else {
+                LiveReason::WipeOnFork
+            },
+        });
     }
     maps.sort_by_key(|m| m.start);
     Ok((maps, live))

@@ -19,6 +19,7 @@ use crate::error::{Error, Pid, Result};
 use crate::inspect::{self, AuxvEntry, Freshness, LiveReason, Module, Thread};
 use crate::proc::{Mapping, ProcessInfo};
 use crate::select::{KernelPolicy, RegionPolicy};
+use crate::warning::Warning;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
@@ -90,7 +91,7 @@ enum Request {
         answers: mpsc::Receiver<bool>,
     },
     Finish {
-        reply: mpsc::Sender<(Option<String>, Option<u64>)>,
+        reply: mpsc::Sender<(Option<Warning>, Option<u64>)>,
     },
 }
 
@@ -467,7 +468,7 @@ impl Snapshot {
     /// }
     /// # Ok(()) }
     /// ```
-    pub fn warnings(&self) -> &[String] {
+    pub fn warnings(&self) -> &[Warning] {
         self.bound().warnings()
     }
 
@@ -861,17 +862,17 @@ impl Snapshot {
     /// }
     /// # Ok(()) }
     /// ```
-    pub fn finish(self) -> Option<String> {
+    pub fn finish(self) -> Option<Warning> {
         self.finish_timed().0
     }
 
     /// As [`Snapshot::finish`], also returning how long the target was stopped while the
     /// clone's zombie was reaped (reflect mode; see [`PauseBreakdown::reap_us`]).
-    pub fn finish_timed(mut self) -> (Option<String>, Option<u64>) {
+    pub fn finish_timed(mut self) -> (Option<Warning>, Option<u64>) {
         self.end()
     }
 
-    fn end(&mut self) -> (Option<String>, Option<u64>) {
+    fn end(&mut self) -> (Option<Warning>, Option<u64>) {
         let Some(t) = self.tracer.take() else {
             return (None, None);
         };

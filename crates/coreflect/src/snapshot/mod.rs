@@ -24,6 +24,7 @@ use crate::lock::TargetLock;
 use crate::proc::{self, mem::Pagemap, Mapping, MappingKind, ProcMem, ProcessInfo, ThreadTimes};
 use crate::select::{Extent, RegionPolicy};
 use crate::stop::{StoppedProcess, ThreadState};
+use crate::warning::Warning;
 use clone::CloneGuard;
 use pause::{monotonic_ns, us};
 use std::marker::PhantomData;
@@ -71,7 +72,7 @@ pub(crate) struct Snapshot {
     rseq_orig: Option<(u64, Vec<u8>)>,
     stopped_at: Instant,
     pause: PauseBreakdown,
-    warnings: Vec<String>,
+    warnings: Vec<Warning>,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -182,7 +183,7 @@ impl Snapshot {
     }
 
     /// Problems that did not stop the snapshot.
-    pub fn warnings(&self) -> &[String] {
+    pub fn warnings(&self) -> &[Warning] {
         &self.warnings
     }
 
@@ -358,13 +359,13 @@ impl Snapshot {
 
     /// Ends the snapshot now: kills and reaps the clone (or releases the stopped target).
     /// Returns a warning if something was left for the next dump to clean.
-    pub fn finish(self) -> Option<String> {
+    pub fn finish(self) -> Option<Warning> {
         self.finish_timed().0
     }
 
     /// As [`Snapshot::finish`], also returning how long the target was stopped for the
     /// reap (reflect mode; see [`PauseBreakdown::reap_us`]).
-    pub fn finish_timed(mut self) -> (Option<String>, Option<u64>) {
+    pub fn finish_timed(mut self) -> (Option<Warning>, Option<u64>) {
         self.stopped.take();
         match self.clone.as_mut().map(|c| c.finish()) {
             Some(r) => (r.warning, r.reap_us),
