@@ -45,6 +45,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// How the memory of the image reaches the core file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum WritePath {
     /// The zero-copy path where it works, else the read path.
     #[default]
