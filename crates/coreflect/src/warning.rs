@@ -55,6 +55,14 @@ pub enum Warning {
         /// Why (the error with its causes).
         error: String,
     },
+    /// The clone could not be made the out-of-memory killer's first choice: under memory
+    /// pressure while the core is written, the kernel may pick the target instead.
+    CloneOomScoreNotSet {
+        /// The clone.
+        clone: Pid,
+        /// The error writing its `oom_score_adj`.
+        error: String,
+    },
     /// A range the clone cannot hold was read from the live target, not the frozen image.
     ReadLive {
         /// First address.
@@ -111,6 +119,7 @@ impl Warning {
             Warning::SuspendedInstead { .. } => "suspended_instead",
             Warning::LeftoverClonesReaped { .. } => "leftover_clones_reaped",
             Warning::LeftoverClonesNotReaped { .. } => "leftover_clones_not_reaped",
+            Warning::CloneOomScoreNotSet { .. } => "clone_oom_score_not_set",
             Warning::ReadLive { .. } => "read_live",
             Warning::WritePathNotApplicable { .. } => "write_path_not_applicable",
             Warning::Unreadable { .. } => "unreadable",
@@ -146,6 +155,10 @@ impl fmt::Display for Warning {
             Warning::LeftoverClonesNotReaped { error } => {
                 write!(f, "could not reap leftover clone zombies: {error}")
             }
+            Warning::CloneOomScoreNotSet { clone, error } => write!(
+                f,
+                "could not make the clone {clone} the out-of-memory killer's first choice ({error}): if memory runs out while the core is written, the kernel may kill the target instead"
+            ),
             Warning::ReadLive {
                 start,
                 end,
@@ -205,6 +218,10 @@ mod tests {
             },
             Warning::LeftoverClonesReaped { count: 2 },
             Warning::LeftoverClonesNotReaped { error: "x".into() },
+            Warning::CloneOomScoreNotSet {
+                clone: 5,
+                error: "Permission denied (os error 13)".into(),
+            },
             Warning::ReadLive {
                 start: 0x1000,
                 end: 0x3000,
@@ -228,19 +245,27 @@ mod tests {
             },
         ];
         let text: Vec<String> = all.iter().map(|w| w.to_string()).collect();
-        assert!(text[0].contains("@coreflect/target/1/2) is bound by a socket of another type"));
-        assert!(text[1].contains("seccomp") && text[1].contains("suspend mode"));
-        assert!(text[2].starts_with("reaped 2 leftover clone zombie(s)"));
+        let t = |kind: &str| all.iter().find(|w| w.kind() == kind).unwrap().to_string();
+        assert!(t("lock_ignored")
+            .contains("@coreflect/target/1/2) is bound by a socket of another type"));
+        let s = t("suspended_instead");
+        assert!(s.contains("seccomp") && s.contains("suspend mode"), "{s}");
+        assert!(t("leftover_clones_reaped").starts_with("reaped 2 leftover clone zombie(s)"));
+        assert!(t("clone_oom_score_not_set").contains(
+            "the clone 5 the out-of-memory killer's first choice (Permission denied (os error 13))"
+        ));
         assert_eq!(
-            text[4],
+            t("read_live"),
             "0x1000-0x3000 (8 KiB, anonymous) is MADV_WIPEONFORK and was read from the live target, not the frozen image"
         );
-        assert!(text[5].starts_with("the splice write path"));
+        assert!(t("write_path_not_applicable").starts_with("the splice write path"));
         assert_eq!(
-            text[6],
+            t("unreadable"),
             "0x1000-0x2000 (/dev/x) could not be read (Input/output error (os error 5)); left as a hole"
         );
-        assert!(text[8].contains("zombie was left in pid 4 (no thread could run wait4)"));
+        assert!(
+            t("clone_zombie_left").contains("zombie was left in pid 4 (no thread could run wait4)")
+        );
         for t in &text {
             assert!(
                 !t.contains("--"),

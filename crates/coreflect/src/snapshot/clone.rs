@@ -102,8 +102,14 @@ pub fn leftover_clones(pid: Pid) -> Vec<Pid> {
 pub const CLONE_EXIT_CODE: i32 = 0xCF;
 
 /// At the clone's first stop: point it at `exit_group(CLONE_EXIT_CODE)` so it can never run the target's
-/// code, kill it if we die, and make it the OOM killer's first choice.
-pub(super) fn setup_clone(pid: Pid, clone: Pid, insn: u64) -> Result<Pid> {
+/// code, kill it if we die, and make it the OOM killer's first choice (a warning if it
+/// could not be).
+pub(super) fn setup_clone(
+    pid: Pid,
+    clone: Pid,
+    insn: u64,
+    warnings: &mut Vec<Warning>,
+) -> Result<Pid> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = match ptrace::wait_until(clone, deadline)? {
         Some(WaitStatus::Stopped { .. }) => None,
@@ -122,7 +128,12 @@ pub(super) fn setup_clone(pid: Pid, clone: Pid, insn: u64) -> Result<Pid> {
     r.0.rdi = CLONE_EXIT_CODE as u64;
     ptrace::set_regs(clone, &r)?;
     ptrace::set_options(clone, ptrace::O_EXITKILL)?;
-    let _ = std::fs::write(format!("/proc/{clone}/oom_score_adj"), "1000");
+    if let Err(e) = std::fs::write(format!("/proc/{clone}/oom_score_adj"), "1000") {
+        warnings.push(Warning::CloneOomScoreNotSet {
+            clone,
+            error: e.to_string(),
+        });
+    }
     // In a container the target knows the clone by another pid.
     Ok(proc::Status::read(clone)
         .ok()

@@ -312,7 +312,7 @@ fn release(pid: Pid, opts: &Options, p: Prepared, paused: Paused) -> Result<Snap
         Some((c, insn)) => {
             drop(lock);
             mode = Mode::Reflect;
-            let ns = setup_clone(pid, c, insn)?;
+            let ns = setup_clone(pid, c, insn, &mut warnings)?;
             if let Some(g) = clone.as_mut() {
                 g.clone_ns = ns;
             }
