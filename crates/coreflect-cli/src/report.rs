@@ -66,7 +66,10 @@ struct JsonReport<'a> {
     duration_ms: u64,
     level: &'a str,
     compressed_size: Option<u64>,
-    warnings: &'a [String],
+    /// Each warning's message, in order.
+    warnings: Vec<String>,
+    /// Each warning's kind ([`coreflect::Warning::kind`]), in the same order.
+    warning_kinds: Vec<&'static str>,
 }
 
 /// The pause by phase, in µs (`started_ns`: CLOCK_MONOTONIC when it began).
@@ -112,7 +115,8 @@ pub fn report_json(r: &DumpReport) -> String {
         duration_ms: r.duration_ms,
         level: r.level.as_str(),
         compressed_size: r.compressed_size,
-        warnings: &r.warnings,
+        warnings: r.warnings.iter().map(ToString::to_string).collect(),
+        warning_kinds: r.warnings.iter().map(coreflect::Warning::kind).collect(),
     };
     serde_json::to_string(&report).expect("a report serializes")
 }
@@ -242,7 +246,7 @@ pub fn success(json: bool, r: &DumpReport) {
         }
     );
     for w in &r.warnings {
-        let _ = writeln!(e, "  warning: {}", text(w));
+        let _ = writeln!(e, "  warning: {}", text(&w.to_string()));
     }
 }
 
@@ -255,9 +259,15 @@ pub fn hint(err: &coreflect::Error) -> Option<&'static str> {
             "use --mode suspend (or auto) to dump with the target stopped"
         }
         E::PauseTooLong { .. } => "raise --max-pause",
+        E::WritePathUnavailable { .. } => "use --write-path auto or read",
+        E::SpliceBroken { .. } => "--write-path read does that",
+        E::CloneKilled { .. } => "--mode suspend takes one",
         E::Cancelled => "no file was left",
-        E::Output { source, .. } => match source.raw_os_error() {
-            Some(libc::EEXIST) => "--overwrite replaces it, -o chooses another path",
+        E::Output { source, what, .. } => match source.raw_os_error() {
+            // (Not a FIFO or a device: only regular files are ever replaced.)
+            Some(libc::EEXIST) if *what != "refusing to replace" => {
+                "--overwrite replaces it, -o chooses another path"
+            }
             _ => "-o chooses another path",
         },
         _ => return None,
@@ -304,4 +314,93 @@ pub fn esc(s: &str) -> std::borrow::Cow<'_, str> {
 /// A JSON string literal for `s` (quoted and escaped).
 pub fn json_str(s: &str) -> String {
     serde_json::to_string(s).expect("a string serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coreflect::Error as E;
+
+    #[test]
+    fn the_cli_adds_its_options_after_the_librarys_advice() {
+        let wp = error_text(&E::WritePathUnavailable {
+            clone: 6,
+            reason: "the clone could not be set up for splicing".into(),
+        });
+        assert!(
+            wp.starts_with("the zero-copy write path cannot be used"),
+            "{wp}"
+        );
+        assert!(wp.ends_with("; use --write-path auto or read"), "{wp}");
+        let k = error_text(&E::CloneKilled { pid: 5, clone: 6 });
+        assert!(
+            k.ends_with("take a suspended snapshot; --mode suspend takes one"),
+            "{k}"
+        );
+        // A FIFO is never replaced: no --overwrite advice for it.
+        let out = |what: &'static str| E::Output {
+            what,
+            path: "/x".into(),
+            source: std::io::Error::from_raw_os_error(libc::EEXIST),
+            hint: String::new(),
+        };
+        let fifo = error_text(&out("refusing to replace"));
+        assert!(
+            !fifo.contains("--overwrite") && fifo.contains("-o chooses"),
+            "{fifo}"
+        );
+        let exists = error_text(&out("output file already exists"));
+        assert!(exists.contains("--overwrite replaces it"), "{exists}");
+        // Each cause once.
+        let m = error_text(&E::Memory {
+            pid: 1,
+            addr: 0x10,
+            len: 8,
+            live: false,
+            readable: 0,
+            source: std::io::Error::from_raw_os_error(libc::EIO),
+        });
+        assert_eq!(m.matches("Input/output error").count(), 1, "{m}");
+    }
+
+    #[test]
+    fn json_warnings_are_messages_with_their_kinds_alongside() {
+        let r = DumpReport {
+            pid: 1,
+            path: "/x.core".into(),
+            mode: coreflect::Mode::Reflect,
+            threads: 1,
+            segments: 1,
+            pause: Default::default(),
+            bytes_written: 0,
+            file_size: 0,
+            unpopulated_bytes: 0,
+            zero_bytes: 0,
+            written_by_clone: 0,
+            live_bytes: 0,
+            write_path: Default::default(),
+            duration_ms: 0,
+            warnings: vec![
+                coreflect::Warning::LeftoverClonesReaped { count: 1 },
+                coreflect::Warning::SuspendedInstead {
+                    reason: "a \"quoted\" reason".into(),
+                },
+            ],
+            level: coreflect::Level::Default,
+            compressed_size: None,
+        };
+        let v: serde_json::Value = serde_json::from_str(&report_json(&r)).unwrap();
+        assert_eq!(
+            v["warnings"][0],
+            "reaped 1 leftover clone zombie(s) of an earlier interrupted dump"
+        );
+        assert!(v["warnings"][1]
+            .as_str()
+            .unwrap()
+            .contains("a \"quoted\" reason"));
+        assert_eq!(
+            v["warning_kinds"],
+            serde_json::json!(["leftover_clones_reaped", "suspended_instead"])
+        );
+    }
 }

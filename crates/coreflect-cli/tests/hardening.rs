@@ -256,6 +256,7 @@ fn a_lock_squatted_by_another_user_is_ignored() {
         assert!(w.contains("per-target lock"), "{w}");
         assert!(w.contains(why), "{why:?} not in {w}");
         assert!(w.contains("ignored it"), "{w}");
+        assert_eq!(j.warning_kinds(), ["lock_ignored"], "{}", j.0);
         // Not a timing assertion: the old behaviour waited 10 s and then failed.
         eprintln!("dump with a squatted lock took {:?}", started.elapsed());
         assert!(std::fs::metadata(&out).unwrap().len() > 4096);

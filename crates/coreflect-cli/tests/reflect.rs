@@ -215,6 +215,11 @@ fn live_region_is_dumped(name: &str, flag: &str, addr_key: &str, fill: u8, warni
     let json = dump(t.pid, &core, &[]);
     assert_eq!(json.get("mode").as_deref(), Some("reflect"));
     assert!(json.warnings().contains(warning), "{}", json.0);
+    assert!(
+        json.warning_kinds().iter().any(|k| k == "read_live"),
+        "{}",
+        json.0
+    );
     let cf = CoreFile::open(&core).unwrap();
     let b = cf
         .read(t.get(addr_key) + 100, 64)
@@ -281,6 +286,13 @@ fn seccomp_target_with_and_without_cap_sys_admin() {
     let json = Json(String::from_utf8_lossy(&o.stdout).trim().to_string());
     assert_eq!(json.get("mode").as_deref(), Some("suspend"), "{}", json.0);
     assert!(json.warnings().contains("seccomp"), "{}", json.0);
+    assert!(
+        json.warning_kinds()
+            .iter()
+            .any(|k| k == "suspended_instead"),
+        "{}",
+        json.0
+    );
     let o = nocap(&["--mode", "reflect"]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);

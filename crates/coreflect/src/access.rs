@@ -20,6 +20,7 @@ const CAP_SYS_PTRACE: u64 = 1 << 19;
 
 /// The Yama setting, if Yama is in this kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Yama {
     /// `/proc/sys/kernel/yama` does not exist: the kernel has no Yama.
     Absent,

@@ -10,6 +10,7 @@ use crate::level::Level;
 use crate::output::OutputFile;
 use crate::select::KernelPolicy;
 use crate::snapshot::{Mode, Options, PauseBreakdown, Phase};
+use crate::warning::Warning;
 use crate::Snapshot;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -69,8 +70,8 @@ pub struct DumpReport {
     pub write_path: crate::write_path::WritePathStats,
     /// Wall time of the whole dump, in milliseconds.
     pub duration_ms: u64,
-    /// Problems that did not stop the dump.
-    pub warnings: Vec<String>,
+    /// Problems that did not stop the dump, in the order they happened.
+    pub warnings: Vec<Warning>,
     /// The level used (`filter` overrides it).
     pub level: Level,
     /// Bytes of the zstd frame, when compressed (`file_size` is the core's own length).
@@ -230,10 +231,9 @@ pub fn dump(pid: Pid, opts: &DumpOptions, progress: &mut dyn Progress) -> Result
         crate::write_path::WritePath::Splice | crate::write_path::WritePath::Pwrite
     ) && !file_out
     {
-        warnings.push(format!(
-            "the {} write path applies to uncompressed core files only: the memory was read from the clone",
-            opts.snapshot.write_path.as_str()
-        ));
+        warnings.push(Warning::WritePathNotApplicable {
+            path: opts.snapshot.write_path,
+        });
     }
     warnings.extend(unreadable_warnings(&stats));
     let live_bytes = if mode == Mode::Reflect {
@@ -434,22 +434,15 @@ fn live_bytes(snap: &Snapshot, segs: &[crate::elf::writer::SegmentPlan]) -> u64 
 }
 
 /// One warning per range the writer could not read (left as a hole in the core).
-pub(crate) fn unreadable_warnings(stats: &crate::elf::writer::WriteStats) -> Vec<String> {
+pub(crate) fn unreadable_warnings(stats: &crate::elf::writer::WriteStats) -> Vec<Warning> {
     stats
         .unreadable
         .iter()
-        .map(|u| {
-            format!(
-                "{:#x}-{:#x} ({}) could not be read ({}); left as a hole",
-                u.start,
-                u.end,
-                if u.name.is_empty() {
-                    "anonymous"
-                } else {
-                    &u.name
-                },
-                u.error
-            )
+        .map(|u| Warning::Unreadable {
+            start: u.start,
+            end: u.end,
+            name: u.name.clone(),
+            error: u.error.clone(),
         })
         .collect()
 }

@@ -2,7 +2,7 @@
 //!
 //! Every variant names what failed and, where there is one, what the user can do about it.
 //! Problems that do not stop a dump (an unreadable range, a thread that vanished) are not
-//! errors: they are collected as warnings in the [`crate::dump::DumpReport`].
+//! errors: they are collected as [`crate::Warning`]s in the [`crate::dump::DumpReport`].
 //!
 //! A message does not repeat its cause: the underlying OS error is the variant's
 //! [`std::error::Error::source`], for the caller to print after it (`{:#}` with anyhow, or
@@ -99,6 +99,62 @@ pub enum Error {
     ProcessExited {
         /// The pid of the target.
         pid: Pid,
+    },
+    /// The target executed a new program (`execve`) while it was being stopped: the
+    /// address space the snapshot was prepared for is gone.
+    #[error("pid {pid} executed a new program (exec) while it was being stopped; it was released and nothing was written: try again")]
+    TargetExeced {
+        /// The target.
+        pid: Pid,
+    },
+    /// The target kept creating threads faster than they could be stopped.
+    #[error("pid {pid} kept creating threads through {scans} scans of /proc/{pid}/task while it was being stopped; it was released and nothing was written: try again (at a quieter time)")]
+    ThreadsKeptAppearing {
+        /// The target.
+        pid: Pid,
+        /// How many times its thread list was read.
+        scans: usize,
+    },
+    /// The copy-on-write clone did not reach its first stop after it was created.
+    #[error("the clone {clone} of pid {pid} did not stop after it was created ({status}); the target was released and nothing was written: try again")]
+    CloneNotStopped {
+        /// The target.
+        pid: Pid,
+        /// The clone.
+        clone: Pid,
+        /// What it did instead.
+        status: String,
+    },
+    /// The copy-on-write clone was killed (by the OOM killer, which picks it first, or by
+    /// someone else) before all of its memory was in the core.
+    #[error("the clone {clone} of pid {pid} was killed before its memory was all read (by the out-of-memory killer?); the core was not kept: free memory and try again, or take a suspended snapshot")]
+    CloneKilled {
+        /// The target.
+        pid: Pid,
+        /// The clone.
+        clone: Pid,
+    },
+    /// The thread that holds the snapshot (its ptrace tracer) ended unexpectedly: a bug.
+    #[error("the tracer thread of pid {pid}'s snapshot ended unexpectedly (it panicked: a bug in coreflect, please report it); the target was released")]
+    TracerThreadEnded {
+        /// The target.
+        pid: Pid,
+    },
+    /// The zero-copy write path cannot be set up for this clone.
+    #[error("the zero-copy write path cannot be used with the clone {clone}: {reason}; the automatic write path falls back to reading the clone's memory")]
+    WritePathUnavailable {
+        /// The clone.
+        clone: Pid,
+        /// Why.
+        reason: String,
+    },
+    /// The zero-copy write of the clone's memory broke off in the middle of the core.
+    #[error("splicing the clone {clone}'s memory into the core broke off: {why}; the core was not kept: try again, or read the clone's memory instead")]
+    SpliceBroken {
+        /// The clone.
+        clone: Pid,
+        /// What happened.
+        why: &'static str,
     },
     /// A thread did not stop within the time allowed.
     #[error("thread {tid} of pid {pid} did not stop within {millis} ms (state {state}: {}): {}", state_meaning(.state), state_advice(.state))]
@@ -197,7 +253,7 @@ pub enum Error {
     Cancelled,
     /// Reading the snapshot's memory failed: the range is not (or not wholly) mapped or
     /// readable in the snapshot.
-    #[error("cannot read {len} bytes at {addr:#x} of pid {pid}'s snapshot ({}): {source}", if *.live { "read live from the target" } else { "frozen image" })]
+    #[error("cannot read {len} bytes at {addr:#x} of pid {pid}'s snapshot ({}){}", if *.live { "read live from the target" } else { "frozen image" }, only_readable(*.readable))]
     Memory {
         /// The target.
         pid: Pid,
@@ -207,7 +263,9 @@ pub enum Error {
         len: usize,
         /// True if the range is read live from the target rather than from the frozen image.
         live: bool,
-        /// The OS error (`UnexpectedEof` for a short read).
+        /// How many bytes from `addr` on were readable (0, or fewer than `len`).
+        readable: usize,
+        /// The OS error at `addr + readable` (`UnexpectedEof` where nothing is mapped).
         #[source]
         source: io::Error,
     },
@@ -317,6 +375,14 @@ fn injection_message(tid: Pid, syscall: &str, kind: &InjectionFailure) -> String
     }
 }
 
+/// The end of [`Error::Memory`]'s message: how much was readable, if anything.
+fn only_readable(n: usize) -> String {
+    match n {
+        0 => String::new(),
+        n => format!(": only {n} bytes readable"),
+    }
+}
+
 /// What a thread state letter from `/proc/PID/task/TID/stat` means (proc(5)).
 pub fn state_meaning(state: &str) -> &'static str {
     match state {
@@ -372,6 +438,95 @@ mod tests {
             source: io::Error::from_raw_os_error(libc::ESRCH),
         };
         assert_eq!(p.with_causes().matches("No such process").count(), 1);
+    }
+
+    #[test]
+    fn every_cause_prints_once() {
+        let eio = || io::Error::from_raw_os_error(libc::EIO);
+        let with_source = [
+            Error::Memory {
+                pid: 1,
+                addr: 0x1000,
+                len: 16,
+                live: false,
+                readable: 8,
+                source: eio(),
+            },
+            Error::Memory {
+                pid: 1,
+                addr: 0x10,
+                len: 8,
+                live: true,
+                readable: 0,
+                source: eio(),
+            },
+            Error::Ptrace {
+                op: "GETREGS",
+                tid: 7,
+                source: eio(),
+            },
+            Error::Proc {
+                path: "/proc/1/maps".into(),
+                source: eio(),
+            },
+            Error::Output {
+                what: "writing the core to",
+                path: "/x".into(),
+                source: eio(),
+                hint: String::new(),
+            },
+            Error::io("writing the core", eio()),
+        ];
+        for e in &with_source {
+            let full = e.with_causes();
+            assert!(!e.to_string().contains("os error"), "{e}");
+            assert_eq!(full.matches("Input/output error").count(), 1, "{full}");
+            assert!(full.starts_with(&e.to_string()), "{full}");
+        }
+        assert!(with_source[0]
+            .with_causes()
+            .starts_with("cannot read 16 bytes at 0x1000 of pid 1's snapshot (frozen image): only 8 bytes readable: Input/output error"));
+        assert_eq!(
+            with_source[1].to_string(),
+            "cannot read 8 bytes at 0x10 of pid 1's snapshot (read live from the target)"
+        );
+    }
+
+    #[test]
+    fn the_new_variants_say_what_failed_and_what_to_do_without_options() {
+        let all = [
+            Error::TargetExeced { pid: 5 },
+            Error::ThreadsKeptAppearing { pid: 5, scans: 30 },
+            Error::CloneNotStopped {
+                pid: 5,
+                clone: 6,
+                status: "it was killed by signal 9".into(),
+            },
+            Error::CloneKilled { pid: 5, clone: 6 },
+            Error::TracerThreadEnded { pid: 5 },
+            Error::WritePathUnavailable {
+                clone: 6,
+                reason: "the clone could not be set up for splicing".into(),
+            },
+            Error::SpliceBroken {
+                clone: 6,
+                why: "the clone's pipe ended early",
+            },
+        ];
+        for e in &all {
+            let m = e.to_string();
+            assert!(std::error::Error::source(e).is_none());
+            assert_eq!(e.with_causes(), m);
+            assert!(m.contains('5') || m.contains('6'), "names no process: {m}");
+            assert!(!m.contains("--"), "names a command-line option: {m}");
+            assert!(
+                m.contains("try again") || m.contains("report it") || m.contains("falls back"),
+                "says nothing to do: {m}"
+            );
+        }
+        assert!(all[0].to_string().contains("exec"));
+        assert!(all[2].to_string().contains("killed by signal 9"));
+        assert!(all[3].to_string().contains("the core was not kept"));
     }
 
     #[test]

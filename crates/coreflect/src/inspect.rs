@@ -308,6 +308,7 @@ pub fn parse_auxv(raw: &[u8]) -> Vec<AuxvEntry> {
 
 /// Where the bytes of a range of a snapshot come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Freshness {
     /// From the frozen image: as the process held it during the pause.
     Frozen,
@@ -317,6 +318,7 @@ pub enum Freshness {
 
 /// Why a range is read live rather than from the frozen image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LiveReason {
     /// `MADV_DONTFORK`: absent from the clone, read from the running target.
     DontFork,

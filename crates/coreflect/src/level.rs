@@ -20,6 +20,7 @@ use crate::snapshot::Snapshot;
 
 /// How much memory a core holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Level {
     /// Stacks, ELF headers, the loader's data and the vDSO: backtraces and libraries only.
     Mini,

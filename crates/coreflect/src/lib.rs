@@ -88,6 +88,7 @@ pub mod select;
 pub mod snapshot;
 pub(crate) mod stop;
 pub mod trace;
+pub mod warning;
 pub mod write_path;
 
 pub use dump::{dump, DumpOptions, DumpReport};
@@ -97,6 +98,7 @@ pub use level::Level;
 pub use proc::Mapping;
 pub use snapshot::handle::{MemoryView, Snapshot};
 pub use snapshot::{Mode, Options, PauseBreakdown, Phase};
+pub use warning::Warning;
 
 /// The system's page size in bytes.
 pub fn page_size() -> u64 {

@@ -18,6 +18,7 @@
 //! without any power over the target.
 
 use crate::error::{Error, Pid, Result};
+use crate::warning::Warning;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener};
 use std::time::{Duration, Instant};
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 pub struct TargetLock {
     /// `None` when the name was squatted and the lock ignored.
     _listener: Option<UnixListener>,
-    warning: Option<String>,
+    warning: Option<Warning>,
 }
 
 /// The lock's abstract socket name for a target.
@@ -180,9 +181,10 @@ impl TargetLock {
                 if let Some(why) = squatter {
                     return Ok(TargetLock {
                         _listener: None,
-                        warning: Some(format!(
-                            "the per-target lock (abstract socket @{name}) is {why}: ignored it and dumped without the lock (a second coreflect on this target at the same time would not be kept out)"
-                        )),
+                        warning: Some(Warning::LockIgnored {
+                            name: name.clone(),
+                            holder: why,
+                        }),
                     });
                 }
             }
@@ -198,8 +200,8 @@ impl TargetLock {
 
     /// Why the lock was not held, when its name was taken by someone who could not dump
     /// the target (it was ignored).
-    pub fn warning(&self) -> Option<&str> {
-        self.warning.as_deref()
+    pub fn warning(&self) -> Option<&Warning> {
+        self.warning.as_ref()
     }
 
     /// True when the lock is really held (not ignored).
@@ -264,7 +266,7 @@ mod tests {
         let l = TargetLock::acquire(me, start, Duration::from_secs(5)).unwrap();
         assert!(!l.is_held());
         assert!(
-            l.warning().unwrap().contains("does not listen"),
+            l.warning().unwrap().to_string().contains("does not listen"),
             "{:?}",
             l.warning()
         );

@@ -79,7 +79,7 @@ fn check_path(path: &Path, dir: &Path) -> Result<()> {
             "cannot use the (empty) output path",
             path,
             libc::ENOENT,
-            "; give -o a file name".into(),
+            "; give a file name".into(),
         ));
     }
     if bytes.contains(&0) {
@@ -87,7 +87,7 @@ fn check_path(path: &Path, dir: &Path) -> Result<()> {
             "cannot use the output path",
             path,
             libc::EINVAL,
-            "; it contains a NUL byte: choose another -o".into(),
+            "; it contains a NUL byte: choose another path".into(),
         ));
     }
     let name = match path.file_name() {
@@ -157,7 +157,7 @@ fn not_regular(path: &Path, m: &std::fs::Metadata) -> Error {
         path,
         libc::EEXIST,
         format!(
-            "; it is {kind}, and coreflect creates or replaces (--overwrite) only regular files: choose another -o"
+            "; it is {kind}, and coreflect creates or replaces only regular files: choose another path"
         ),
     )
 }

@@ -37,7 +37,7 @@ const WALL: i32 = 0x4000_0000;
 #[derive(Debug, Default)]
 pub(crate) struct Reaped {
     /// Why the zombie may have been left (for the next dump to reap), if it was.
-    pub warning: Option<String>,
+    pub warning: Option<crate::warning::Warning>,
     /// How long the target was stopped for the reap, in microseconds.
     pub reap_us: Option<u64>,
 }
@@ -158,17 +158,17 @@ pub(crate) fn kill_and_reap(
         // Not ours to collect any more (or stuck): make sure it is not left traced.
         collect(clone);
         return Reaped {
-            warning: proc::Stat::read(target).ok().map(|_| {
-                format!("the clone {clone} did not exit within 30 s of SIGKILL; if its zombie stays in pid {target}, the next dump reaps it")
-            }),
+            warning: proc::Stat::read(target)
+                .ok()
+                .map(|_| crate::warning::Warning::CloneDidNotExit { clone, pid: target }),
             reap_us: None,
         };
     }
     hook();
-    let left = |why: String| {
-        format!(
-            "the clone {clone}'s zombie was left in pid {target} ({why}); the next dump reaps it"
-        )
+    let left = |why: String| crate::warning::Warning::CloneZombieLeft {
+        clone,
+        pid: target,
+        why,
     };
     let _lock = TargetLock::acquire(target, target_start, Duration::from_secs(10)).ok();
     let first = match proc::threads(target) {

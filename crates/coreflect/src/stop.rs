@@ -133,12 +133,10 @@ impl StoppedProcess {
                 break;
             }
             if pass >= MAX_SCAN_PASSES {
-                return Err(Error::io(
-                    format!("stopping pid {pid}"),
-                    std::io::Error::other(format!(
-                        "it kept creating threads through {MAX_SCAN_PASSES} scans of /proc/{pid}/task; try again"
-                    )),
-                ));
+                return Err(Error::ThreadsKeptAppearing {
+                    pid,
+                    scans: MAX_SCAN_PASSES,
+                });
             }
             // Interrupt each thread right after seizing it, so the first ones are on their
             // way to their stop while the rest are being seized.

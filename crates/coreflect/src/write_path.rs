@@ -45,6 +45,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// How the memory of the image reaches the core file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum WritePath {
     /// The zero-copy path where it works, else the read path.
     #[default]
@@ -340,7 +341,10 @@ struct Job {
     pieces: Vec<(u64, u64)>,
 }
 
-fn splice_all(out: &Output, pipe: RawFd, mut off: u64, mut len: u64) -> io::Result<()> {
+/// What the splicing threads report when one of them is gone without saying why.
+const SPLICER_GONE: &str = "the thread splicing it stopped";
+
+fn splice_all(out: &Output, pipe: RawFd, clone: Pid, mut off: u64, mut len: u64) -> Result<()> {
     while len > 0 {
         let mut o = off as i64;
         // SAFETY: plain fds and an offset we own.
@@ -359,12 +363,13 @@ fn splice_all(out: &Output, pipe: RawFd, mut off: u64, mut len: u64) -> io::Resu
             if e.raw_os_error() == Some(libc::EINTR) || out.refuse_direct(&e) {
                 continue;
             }
-            return Err(e);
+            return Err(Error::io("splicing the clone's memory into the core", e));
         }
         if n == 0 {
-            return Err(io::Error::other(
-                "the clone's pipe ended early (the clone died?)",
-            ));
+            return Err(Error::SpliceBroken {
+                clone,
+                why: "the clone's pipe ended early",
+            });
         }
         off += n as u64;
         len -= n as u64;
@@ -499,7 +504,7 @@ pub(crate) fn write_core_splice(
     let zpfn = zero_pfn();
 
     let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Job>(PIPES);
-    let (free_tx, free_rx) = std::sync::mpsc::channel::<io::Result<usize>>();
+    let (free_tx, free_rx) = std::sync::mpsc::channel::<Result<usize>>();
     let job_rx = std::sync::Mutex::new(job_rx);
     let result = std::thread::scope(|sc| -> Result<()> {
         let outr = &out;
@@ -520,7 +525,7 @@ pub(crate) fn write_core_splice(
                     let r = job
                         .pieces
                         .iter()
-                        .try_for_each(|&(off, len)| splice_all(outr, p, off, len));
+                        .try_for_each(|&(off, len)| splice_all(outr, p, clone, off, len));
                     let failed = r.is_err();
                     if free_tx.send(r.map(|_| job.pipe)).is_err() || failed {
                         return;
@@ -536,11 +541,11 @@ pub(crate) fn write_core_splice(
             }
             match free_rx.recv() {
                 Ok(Ok(p)) => Ok(p),
-                Ok(Err(e)) => Err(Error::io("splicing the clone's memory into the core", e)),
-                Err(_) => Err(Error::io(
-                    "splicing the clone's memory into the core",
-                    io::Error::other("the splicing thread stopped"),
-                )),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(Error::SpliceBroken {
+                    clone,
+                    why: SPLICER_GONE,
+                }),
             }
         };
         let mut broken = false;
@@ -585,13 +590,7 @@ pub(crate) fn write_core_splice(
                 st.zero_bytes += c.zero;
                 // (copy-on-write is counted from the window's pagemap)
                 for u in &c.unreadable {
-                    note_unreadable(
-                        st,
-                        s,
-                        u.start,
-                        u.end - u.start,
-                        &io::Error::other(u.error.clone()),
-                    );
+                    note_unreadable(st, s, u.start, u.end - u.start, &u.error);
                 }
                 rbuf = Some(c.buf);
                 a += n as u64;
@@ -727,9 +726,12 @@ pub(crate) fn write_core_splice(
                         if pieces.is_empty() {
                             free.push(p);
                         } else if job_tx.send(Job { pipe: p, pieces }).is_err() {
-                            return Err(Error::io(
-                                "splicing the clone's memory into the core",
-                                io::Error::other("the splicing thread stopped"),
+                            // Every splicing thread is gone: the first to fail said why.
+                            return Err(free_rx.try_iter().find_map(|r| r.err()).unwrap_or(
+                                Error::SpliceBroken {
+                                    clone,
+                                    why: SPLICER_GONE,
+                                },
                             ));
                         }
                         st.path.spliced_bytes += got;
@@ -795,27 +797,14 @@ pub(crate) fn write_core_splice(
         }
         // Anything the splicing thread reported.
         for r in free_rx.try_iter() {
-            if let Err(e) = r {
-                return Err(Error::io("splicing the clone's memory into the core", e));
-            }
+            r?;
         }
         Ok(())
     });
     st.path.injections = drv.injections;
     drop(drv);
-    if let Err(e) = result {
-        let alive = crate::proc::Stat::read(clone).is_ok_and(|x| matches!(x.state, 't' | 'T'));
-        return Err(match e {
-            Error::Cancelled => e,
-            _ if !alive => Error::io(
-                "writing the core",
-                io::Error::other(format!(
-                    "the clone {clone} was killed before its memory was all written (out of memory?); the core was not kept"
-                )),
-            ),
-            e => e,
-        });
-    }
+    // (A clone killed meanwhile is named by the caller, which knows the target.)
+    result?;
     file.set_len(lay.total_len)
         .map_err(|e| Error::io("writing the core", e))?;
     st.path.used = if out.is_direct() {
@@ -960,10 +949,7 @@ pub(crate) fn write_core_file(
             )? {
                 Ok(st) => Ok(st),
                 Err(why) if path == WritePath::Auto => read(progress, why),
-                Err(why) => Err(Error::io(
-                    "setting up the zero-copy write path (--write-path splice)",
-                    io::Error::other(format!("{why}; use --write-path auto or read")),
-                )),
+                Err(reason) => Err(Error::WritePathUnavailable { clone, reason }),
             }
         }
     }

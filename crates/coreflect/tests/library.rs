@@ -576,6 +576,21 @@ fn library_messages_name_no_command_line_flags() {
         let s = e.to_string();
         assert!(!s.contains("--") && !s.contains("no file"), "{s}");
     }
+    // The output's own advice, which reads after the cause.
+    let d = std::env::temp_dir().join(format!("coreflect-lib-msgs-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let fifo = d.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path, which outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let paths = [std::path::PathBuf::new(), fifo, d.join("a\0b")];
+    for p in &paths {
+        let e = coreflect::output::OutputFile::create(p, true).unwrap_err();
+        let s = e.with_causes();
+        assert!(matches!(e, Error::Output { .. }), "{s}");
+        assert!(!s.contains("--") && !s.contains("-o"), "{s}");
+    }
+    std::fs::remove_dir_all(&d).unwrap();
 }
 
 // ---- the runner ----

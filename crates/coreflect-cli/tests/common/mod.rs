@@ -271,6 +271,21 @@ impl Json {
             .collect::<Vec<_>>()
             .join("\n")
     }
+
+    /// The warnings' kinds, in order (as many as there are warnings).
+    pub fn warning_kinds(&self) -> Vec<String> {
+        let v = self.value();
+        let k: Vec<String> = v
+            .get("warning_kinds")
+            .and_then(|w| w.as_array())
+            .unwrap_or_else(|| panic!("no warning_kinds array in {}", self.0))
+            .iter()
+            .map(|x| x.as_str().expect("a warning kind is a string").to_string())
+            .collect();
+        let n = v["warnings"].as_array().map_or(0, Vec::len);
+        assert_eq!(k.len(), n, "one kind per warning: {}", self.0);
+        k
+    }
 }
 
 /// Dumps `pid` to `out` with `--json` and extra arguments; panics with stderr on failure.

@@ -634,7 +634,7 @@ pub(crate) fn note_unreadable(
     s: &SegmentPlan,
     at: u64,
     len: u64,
-    e: &io::Error,
+    e: &dyn std::fmt::Display,
 ) {
     if let Some(u) = st.unreadable.last_mut() {
         if u.end == at {

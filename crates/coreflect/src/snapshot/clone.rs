@@ -7,8 +7,10 @@
 use super::{Phase, PhaseHook, Range};
 use crate::arch::x86_64::{self as arch};
 use crate::error::{Error, Pid, Result};
+use crate::inspect::LiveReason;
 use crate::proc::{self, Mapping};
 use crate::ptrace::{self, WaitStatus};
+use crate::warning::Warning;
 use std::time::{Duration, Instant};
 
 /// `CLONE_FILES`: share the fd table, so the clone holds no extra file references.
@@ -100,17 +102,24 @@ pub fn leftover_clones(pid: Pid) -> Vec<Pid> {
 pub const CLONE_EXIT_CODE: i32 = 0xCF;
 
 /// At the clone's first stop: point it at `exit_group(CLONE_EXIT_CODE)` so it can never run the target's
-/// code, kill it if we die, and make it the OOM killer's first choice.
-pub(super) fn setup_clone(clone: Pid, insn: u64) -> Result<Pid> {
+/// code, kill it if we die, and make it the OOM killer's first choice (a warning if it
+/// could not be).
+pub(super) fn setup_clone(
+    pid: Pid,
+    clone: Pid,
+    insn: u64,
+    warnings: &mut Vec<Warning>,
+) -> Result<Pid> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    match ptrace::wait_until(clone, deadline)? {
-        Some(WaitStatus::Stopped { .. }) => {}
-        other => {
-            return Err(Error::io(
-                format!("waiting for the clone {clone} to stop"),
-                std::io::Error::other(format!("unexpected status {other:?}")),
-            ))
-        }
+    let status = match ptrace::wait_until(clone, deadline)? {
+        Some(WaitStatus::Stopped { .. }) => None,
+        Some(WaitStatus::Exited(code)) => Some(format!("it exited with status {code}")),
+        Some(WaitStatus::Signaled(sig)) => Some(format!("it was killed by signal {sig}")),
+        Some(other) => Some(format!("it reported {other:?} instead of a stop")),
+        None => Some("it did not stop within 10 s".to_string()),
+    };
+    if let Some(status) = status {
+        return Err(Error::CloneNotStopped { pid, clone, status });
     }
     let mut r = ptrace::get_regs(clone)?;
     r.0.rip = insn;
@@ -119,7 +128,12 @@ pub(super) fn setup_clone(clone: Pid, insn: u64) -> Result<Pid> {
     r.0.rdi = CLONE_EXIT_CODE as u64;
     ptrace::set_regs(clone, &r)?;
     ptrace::set_options(clone, ptrace::O_EXITKILL)?;
-    let _ = std::fs::write(format!("/proc/{clone}/oom_score_adj"), "1000");
+    if let Err(e) = std::fs::write(format!("/proc/{clone}/oom_score_adj"), "1000") {
+        warnings.push(Warning::CloneOomScoreNotSet {
+            clone,
+            error: e.to_string(),
+        });
+    }
     // In a container the target knows the clone by another pid.
     Ok(proc::Status::read(clone)
         .ok()
@@ -134,7 +148,7 @@ pub(super) fn setup_clone(clone: Pid, insn: u64) -> Result<Pid> {
 pub(super) fn image_mappings(
     clone: Pid,
     target_maps: &[Mapping],
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<Warning>,
 ) -> Result<(Vec<Mapping>, Vec<Range>)> {
     let mut maps = proc::maps::read_smaps(clone)?;
     let mut live = Vec::new();
@@ -158,14 +172,16 @@ pub(super) fn image_mappings(
             c.rss_kb = m.rss_kb;
         }
         live.push((m.start, m.end));
-        warnings.push(format!(
-            "{:#x}-{:#x} ({} KiB, {}) is {} and was read from the live target, not the frozen image",
-            m.start,
-            m.end,
-            m.len() / 1024,
-            if m.name.is_empty() { "anonymous" } else { &m.name },
-            if m.has_flag("dc") { "MADV_DONTFORK" } else { "MADV_WIPEONFORK" }
-        ));
+        warnings.push(Warning::ReadLive {
+            start: m.start,
+            end: m.end,
+            name: m.name.clone(),
+            reason: if m.has_flag("dc") {
+                LiveReason::DontFork
+            } else {
+                LiveReason::WipeOnFork
+            },
+        });
     }
     maps.sort_by_key(|m| m.start);
     Ok((maps, live))

@@ -19,6 +19,7 @@ use crate::error::{Error, Pid, Result};
 use crate::inspect::{self, AuxvEntry, Freshness, LiveReason, Module, Thread};
 use crate::proc::{Mapping, ProcessInfo};
 use crate::select::{KernelPolicy, RegionPolicy};
+use crate::warning::Warning;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
@@ -90,7 +91,7 @@ enum Request {
         answers: mpsc::Receiver<bool>,
     },
     Finish {
-        reply: mpsc::Sender<(Option<String>, Option<u64>)>,
+        reply: mpsc::Sender<(Option<Warning>, Option<u64>)>,
     },
 }
 
@@ -274,10 +275,7 @@ impl Snapshot {
             Err(_) => {
                 let _ = join.join();
                 wait_thread_gone(tid);
-                Err(Error::io(
-                    format!("taking a snapshot of pid {pid}"),
-                    io::Error::other("the tracer thread panicked; the target was released"),
-                ))
+                Err(Error::TracerThreadEnded { pid })
             }
         }
     }
@@ -470,7 +468,7 @@ impl Snapshot {
     /// }
     /// # Ok(()) }
     /// ```
-    pub fn warnings(&self) -> &[String] {
+    pub fn warnings(&self) -> &[Warning] {
         self.bound().warnings()
     }
 
@@ -599,19 +597,21 @@ impl Snapshot {
             Ok(0) if !buf.is_empty() => Err(self.mem_error(
                 addr,
                 buf.len(),
+                0,
                 io::Error::new(io::ErrorKind::UnexpectedEof, "nothing is mapped there"),
             )),
             Ok(n) => Ok(n),
-            Err(e) => Err(self.mem_error(addr, buf.len(), e)),
+            Err(e) => Err(self.mem_error(addr, buf.len(), 0, e)),
         }
     }
 
-    fn mem_error(&self, addr: u64, len: usize, source: io::Error) -> Error {
+    fn mem_error(&self, addr: u64, len: usize, readable: usize, source: io::Error) -> Error {
         Error::Memory {
             pid: self.pid(),
             addr,
             len,
             live: self.source(addr) == Source::Live,
+            readable,
             source,
         }
     }
@@ -632,14 +632,7 @@ impl Snapshot {
             match self.read_memory(at, &mut buf[done..]) {
                 Ok(n) => done += n,
                 Err(Error::Memory { source, .. }) => {
-                    return Err(self.mem_error(
-                        addr,
-                        buf.len(),
-                        io::Error::new(
-                            source.kind(),
-                            format!("only {done} bytes readable (at {at:#x}: {source})"),
-                        ),
-                    ))
+                    return Err(self.mem_error(addr, buf.len(), done, source))
                 }
                 Err(e) => return Err(e),
             }
@@ -837,10 +830,7 @@ impl Snapshot {
     }
 
     fn tracer_gone(&self) -> Error {
-        Error::io(
-            format!("using the snapshot of pid {}", self.pid()),
-            io::Error::other("its tracer thread ended unexpectedly (it panicked)"),
-        )
+        Error::TracerThreadEnded { pid: self.pid() }
     }
 
     /// Fails if the clone died (killed by the OOM killer, which picks it first) so that its
@@ -872,17 +862,17 @@ impl Snapshot {
     /// }
     /// # Ok(()) }
     /// ```
-    pub fn finish(self) -> Option<String> {
+    pub fn finish(self) -> Option<Warning> {
         self.finish_timed().0
     }
 
     /// As [`Snapshot::finish`], also returning how long the target was stopped while the
     /// clone's zombie was reaped (reflect mode; see [`PauseBreakdown::reap_us`]).
-    pub fn finish_timed(mut self) -> (Option<String>, Option<u64>) {
+    pub fn finish_timed(mut self) -> (Option<Warning>, Option<u64>) {
         self.end()
     }
 
-    fn end(&mut self) -> (Option<String>, Option<u64>) {
+    fn end(&mut self) -> (Option<Warning>, Option<u64>) {
         let Some(t) = self.tracer.take() else {
             return (None, None);
         };

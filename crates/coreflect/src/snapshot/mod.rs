@@ -24,6 +24,7 @@ use crate::lock::TargetLock;
 use crate::proc::{self, mem::Pagemap, Mapping, MappingKind, ProcMem, ProcessInfo, ThreadTimes};
 use crate::select::{Extent, RegionPolicy};
 use crate::stop::{StoppedProcess, ThreadState};
+use crate::warning::Warning;
 use clone::CloneGuard;
 use pause::{monotonic_ns, us};
 use std::marker::PhantomData;
@@ -71,7 +72,7 @@ pub(crate) struct Snapshot {
     rseq_orig: Option<crate::direct::RseqArea>,
     stopped_at: Instant,
     pause: PauseBreakdown,
-    warnings: Vec<String>,
+    warnings: Vec<Warning>,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -182,7 +183,7 @@ impl Snapshot {
     }
 
     /// Problems that did not stop the snapshot.
-    pub fn warnings(&self) -> &[String] {
+    pub fn warnings(&self) -> &[Warning] {
         &self.warnings
     }
 
@@ -302,7 +303,13 @@ impl Snapshot {
             notes,
             release_behind,
             progress,
-        )?;
+        )
+        .map_err(|e| match e {
+            // A clone killed meanwhile (the OOM killer picks it first) explains the failure.
+            Error::Cancelled => e,
+            e if self.clone.is_some() => self.check_image_alive().err().unwrap_or(e),
+            e => e,
+        })?;
         self.check_image_alive()?;
         if let Some(c) = &self.clone {
             st.path.clone_cpu_ms = crate::write_path::cpu_ms(c.clone).unwrap_or(0.0);
@@ -330,13 +337,10 @@ impl Snapshot {
         };
         match proc::Stat::read(c.clone) {
             Ok(st) if matches!(st.state, 't' | 'T') => Ok(()),
-            _ => Err(Error::io(
-                format!("writing the core of pid {}", self.pid),
-                std::io::Error::other(format!(
-                    "the clone {} was killed before its memory was all read (out of memory?); the core was not kept",
-                    c.clone
-                )),
-            )),
+            _ => Err(Error::CloneKilled {
+                pid: self.pid,
+                clone: c.clone,
+            }),
         }
     }
 
@@ -355,13 +359,13 @@ impl Snapshot {
 
     /// Ends the snapshot now: kills and reaps the clone (or releases the stopped target).
     /// Returns a warning if something was left for the next dump to clean.
-    pub fn finish(self) -> Option<String> {
+    pub fn finish(self) -> Option<Warning> {
         self.finish_timed().0
     }
 
     /// As [`Snapshot::finish`], also returning how long the target was stopped for the
     /// reap (reflect mode; see [`PauseBreakdown::reap_us`]).
-    pub fn finish_timed(mut self) -> (Option<String>, Option<u64>) {
+    pub fn finish_timed(mut self) -> (Option<Warning>, Option<u64>) {
         self.stopped.take();
         match self.clone.as_mut().map(|c| c.finish()) {
             Some(r) => (r.warning, r.reap_us),

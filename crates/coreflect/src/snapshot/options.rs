@@ -7,6 +7,7 @@ use std::time::Duration;
 
 /// How to take the snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Mode {
     /// Reflect if possible, else suspend (with a warning saying why).
     #[default]
@@ -30,6 +31,7 @@ impl Mode {
 
 /// Named points of a dump, for progress displays and fault-injection tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Phase {
     /// Every thread is stopped and captured; nothing injected yet (inside the pause).
     Stopped,

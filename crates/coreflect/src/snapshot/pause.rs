@@ -19,6 +19,7 @@ use crate::lock::TargetLock;
 use crate::proc::{self, mem::Pagemap, Mapping, ProcMem, ProcessInfo, ThreadTimes};
 use crate::ptrace;
 use crate::stop::{StoppedProcess, ThreadState};
+use crate::warning::Warning;
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
@@ -54,7 +55,7 @@ impl Snapshot {
 struct Prepared {
     process: ProcessInfo,
     lock: TargetLock,
-    warnings: Vec<String>,
+    warnings: Vec<Warning>,
     /// The thread whose /proc files show the memory.
     mm: Pid,
     target_maps: Vec<Mapping>,
@@ -86,7 +87,7 @@ fn prepare(pid: Pid, opts: &Options) -> Result<Prepared> {
         0 => process,
         _ => preflight(pid)?,
     };
-    let mut warnings: Vec<String> = lock.warning().map(str::to_owned).into_iter().collect();
+    let mut warnings: Vec<Warning> = lock.warning().cloned().into_iter().collect();
     // The thread whose /proc files show the memory (the main thread unless it exited).
     let mm = proc::live_thread(pid).ok_or(Error::ProcessExited { pid })?;
     let target_maps = proc::maps::read_smaps(mm)?;
@@ -100,9 +101,7 @@ fn prepare(pid: Pid, opts: &Options) -> Result<Prepared> {
                 return Err(Error::ReflectUnavailable { pid, reason })
             }
             Err(reason) => {
-                warnings.push(format!(
-                    "reflection unavailable: {reason}; dumped in suspend mode (target stopped for the whole write)"
-                ));
+                warnings.push(Warning::SuspendedInstead { reason });
                 mode = Mode::Suspend;
             }
         }
@@ -118,13 +117,10 @@ fn prepare(pid: Pid, opts: &Options) -> Result<Prepared> {
         if !z.is_empty() {
             match inject::reap_in_target(pid, &z, insn, extra_opts, opts.stop_timeout) {
                 Ok(0) => {}
-                Ok(n) => warnings.push(format!(
-                    "reaped {n} leftover clone zombie(s) of an earlier interrupted dump"
-                )),
-                Err(e) => warnings.push(format!(
-                    "could not reap leftover clone zombies: {}",
-                    e.with_causes()
-                )),
+                Ok(count) => warnings.push(Warning::LeftoverClonesReaped { count }),
+                Err(e) => warnings.push(Warning::LeftoverClonesNotReaped {
+                    error: e.with_causes(),
+                }),
             }
         }
     }
@@ -230,14 +226,7 @@ fn pause_target(pid: Pid, opts: &Options, p: Prepared) -> Result<(Prepared, Paus
                     Ok(2) if b == [0x0f, 0x05] => {
                         reflect(&mut stopped, t, insn, extra_opts, t0, &mut pause, &mut xbuf)
                     }
-                    _ => {
-                        return Err(Error::io(
-                            format!("stopping pid {pid}"),
-                            std::io::Error::other(
-                                "it executed a new program (exec) while being stopped; try again",
-                            ),
-                        ))
-                    }
+                    _ => return Err(Error::TargetExeced { pid }),
                 }
             }
         };
@@ -256,10 +245,10 @@ fn pause_target(pid: Pid, opts: &Options, p: Prepared) -> Result<(Prepared, Paus
                     hook: opts.hook.clone().map(PhaseHookDebug),
                 });
             }
-            Err(e @ Error::ReflectUnavailable { .. })
+            Err(Error::ReflectUnavailable { reason, .. })
                 if mode == Mode::Auto && !stopped.tracees().is_empty() =>
             {
-                warnings.push(format!("{e}: dumped in suspend mode instead"));
+                warnings.push(Warning::SuspendedInstead { reason });
                 threads = all;
             }
             Err(e) => return Err(e),
@@ -323,7 +312,7 @@ fn release(pid: Pid, opts: &Options, p: Prepared, paused: Paused) -> Result<Snap
         Some((c, insn)) => {
             drop(lock);
             mode = Mode::Reflect;
-            let ns = setup_clone(c, insn)?;
+            let ns = setup_clone(pid, c, insn, &mut warnings)?;
             if let Some(g) = clone.as_mut() {
                 g.clone_ns = ns;
             }
