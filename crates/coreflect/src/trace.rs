@@ -291,10 +291,7 @@ impl Tracer {
                 break;
             }
             if pass >= crate::stop::MAX_SCAN_PASSES {
-                return Err(Error::io(
-                    format!("tracing pid {pid}"),
-                    std::io::Error::other("it kept creating threads; try again"),
-                ));
+                return Err(Error::ThreadsKeptAppearing { pid, scans: pass });
             }
         }
         if t.threads.is_empty() {
