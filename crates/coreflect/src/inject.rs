@@ -243,16 +243,7 @@ impl InjectedThread {
         let tid = self.tid;
         self.last = syscall_name(nr);
         let res = (|| {
-            let mut r = self.saved;
-            r.0.rip = self.insn;
-            r.0.rax = nr;
-            r.0.orig_rax = u64::MAX;
-            r.0.rdi = args[0];
-            r.0.rsi = args[1];
-            r.0.rdx = args[2];
-            r.0.r10 = args[3];
-            r.0.r8 = args[4];
-            r.0.r9 = args[5];
+            let r = self.saved.at_syscall(self.insn, nr, args);
             self.state = State::Ran;
             ptrace::set_regs(tid, &r)?;
             drive(tid, nr, self.timeout, on_child, during, &mut self.requeue)

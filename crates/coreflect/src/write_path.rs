@@ -233,17 +233,7 @@ impl Driver {
 
     /// Runs `nr(args)` in the clone; its return value (`-errno` on failure).
     fn syscall(&mut self, nr: u64, args: [u64; 6]) -> Result<i64> {
-        let mut r = self.saved;
-        r.0.rip = self.insn;
-        r.0.rax = nr;
-        r.0.orig_rax = u64::MAX;
-        r.0.rdi = args[0];
-        r.0.rsi = args[1];
-        r.0.rdx = args[2];
-        r.0.r10 = args[3];
-        r.0.r8 = args[4];
-        r.0.r9 = args[5];
-        ptrace::set_regs(self.clone, &r)?;
+        ptrace::set_regs(self.clone, &self.saved.at_syscall(self.insn, nr, args))?;
         self.injections += 1;
         self.to_syscall_stop()?; // entry
         self.to_syscall_stop()?; // exit

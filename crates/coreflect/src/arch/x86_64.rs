@@ -58,6 +58,22 @@ impl Regs {
     pub fn ret(&self) -> i64 {
         self.0.rax as i64
     }
+
+    /// These registers, set to execute syscall `nr(args)` at the `syscall` instruction at
+    /// `insn` when the thread resumes (from user mode: `orig_rax` says "in no syscall").
+    pub fn at_syscall(self, insn: u64, nr: u64, args: [u64; 6]) -> Regs {
+        let mut r = self;
+        r.0.rip = insn;
+        r.0.rax = nr;
+        r.0.orig_rax = u64::MAX;
+        r.0.rdi = args[0];
+        r.0.rsi = args[1];
+        r.0.rdx = args[2];
+        r.0.r10 = args[3];
+        r.0.r8 = args[4];
+        r.0.r9 = args[5];
+        r
+    }
 }
 
 /// `__NR_clone`.

@@ -121,11 +121,11 @@ pub(super) fn setup_clone(
     if let Some(status) = status {
         return Err(Error::CloneNotStopped { pid, clone, status });
     }
-    let mut r = ptrace::get_regs(clone)?;
-    r.0.rip = insn;
-    r.0.rax = arch::SYS_EXIT_GROUP;
-    r.0.orig_rax = u64::MAX;
-    r.0.rdi = CLONE_EXIT_CODE as u64;
+    let r = ptrace::get_regs(clone)?.at_syscall(
+        insn,
+        arch::SYS_EXIT_GROUP,
+        [CLONE_EXIT_CODE as u64, 0, 0, 0, 0, 0],
+    );
     ptrace::set_regs(clone, &r)?;
     ptrace::set_options(clone, ptrace::O_EXITKILL)?;
     if let Err(e) = std::fs::write(format!("/proc/{clone}/oom_score_adj"), "1000") {
